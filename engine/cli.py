@@ -1,0 +1,136 @@
+"""`winnow`: select, run and validate. Flags only fill in the job spec (engine.config)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+
+from engine.config import ConfigError, JobSpec, load_job, parse_job
+from engine.readers.sources import SourceError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+EXIT_CONFIG = 2
+EXIT_INPUT = 3
+
+
+def parse_budget(text: str | None) -> int | float | None:
+    """'500' is a row count, '0.1' (or '1.0') a fraction of the eligible rows."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is neither a row count nor a fraction") from None
+
+
+def _fail(message: str, code: int) -> None:
+    console.print(f"[red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _execute(job: JobSpec, out: str | None, force: bool) -> None:
+    from engine.pipeline import JobRunner, python_command
+
+    target = out or job.out
+    if target is None:
+        _fail("no output directory: pass --out DIR or set `out:` in the job spec", EXIT_CONFIG)
+    try:
+        manifest = JobRunner(job, target, console).execute(force=force, command=python_command())
+    except SourceError as exc:
+        _fail(str(exc), EXIT_INPUT)
+    counts = manifest["counts"]
+    rejected = sum(counts["rejected"].values())
+    console.print(
+        f"[bold green]done:[/] {counts['input']} input rows → {counts['selected']} selected, "
+        f"{rejected} rejected, {counts['quarantined']} quarantined"
+    )
+    console.print(f"report: [bold]{manifest['outputs']['report']}[/]")
+    print(manifest["outputs"]["report"])
+
+
+@app.command()
+def select(
+    inputs: Annotated[list[str], typer.Argument(help="files, folders, builtin:sharegpt, hf:NAME")],
+    out: Annotated[str | None, typer.Option("--out", help="run directory")] = None,
+    format: Annotated[
+        str | None, typer.Option("--format", help="json|jsonl|parquet|hf and/or schema")
+    ] = None,
+    budget: Annotated[
+        str | None, typer.Option("--budget", help="rows (500) or fraction (0.1)")
+    ] = None,
+    signals: Annotated[
+        str | None, typer.Option("--signals", help="extra signals, comma-separated: tokens")
+    ] = None,
+    preset: Annotated[str | None, typer.Option("--select", help="preset: random|longest")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="job spec YAML")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    force: Annotated[bool, typer.Option("--force", help="redo completed stages")] = False,
+) -> None:
+    """Read INPUTS, score every row, and keep a budgeted subset."""
+    try:
+        data: dict[str, Any] = (
+            yaml.safe_load(config.read_text(encoding="utf-8")) or {} if config else {}
+        )
+        data["inputs"] = [{"path": item, "format": format} for item in inputs]
+        select_spec = dict(data.get("select") or {})
+        if budget is not None:
+            select_spec["budget"] = parse_budget(budget)
+        if preset is not None:
+            select_spec["preset"] = preset
+        data["select"] = select_spec
+        if signals is not None:
+            data["signals"] = [s.strip() for s in signals.split(",") if s.strip()]
+        if seed is not None:
+            data["seed"] = seed
+        job = parse_job(data)
+    except ConfigError as exc:
+        _fail(f"invalid configuration:\n{exc}", EXIT_CONFIG)
+    except (OSError, yaml.YAMLError) as exc:
+        _fail(f"cannot read {config}: {exc}", EXIT_CONFIG)
+    _execute(job, out, force)
+
+
+@app.command()
+def run(
+    job_file: Annotated[Path, typer.Argument(help="job spec YAML")],
+    out: Annotated[str | None, typer.Option("--out", help="overrides `out:`")] = None,
+    force: Annotated[bool, typer.Option("--force", help="redo completed stages")] = False,
+    full: Annotated[bool, typer.Option("--full", help="ignore `ingest.sample`")] = False,
+) -> None:
+    """Run a job spec."""
+    try:
+        job = load_job(job_file)
+    except ConfigError as exc:
+        _fail(f"invalid job spec {job_file}:\n{exc}", EXIT_CONFIG)
+    if full and job.ingest.sample is not None:
+        job.ingest.sample = None
+        console.print("[yellow]--full:[/] sampling disabled, the whole corpus is read")
+    _execute(job, out, force)
+
+
+@app.command()
+def validate(job_file: Annotated[Path, typer.Argument(help="job spec YAML")]) -> None:
+    """Check a job spec without running it."""
+    try:
+        job = load_job(job_file)
+    except ConfigError as exc:
+        _fail(f"invalid job spec {job_file}:\n{exc}", EXIT_CONFIG)
+    inputs = ", ".join(i.path for i in job.inputs)
+    console.print(
+        f"[green]ok:[/] {job_file}: inputs {inputs}; signals indicators"
+        f"{''.join(',' + s for s in job.signals)}; preset {job.select.preset}"
+    )
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

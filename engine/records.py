@@ -1,0 +1,176 @@
+"""The canonical record: a multi-turn conversation with a stable content id.
+
+Every input schema (Alpaca, Dolly, ShareGPT, OpenAI `messages`) is turned into the same
+`conversation` (a list of `{role, content}` with roles system/user/assistant). The id is a hash of
+the *normalised* conversation, so the same content gets the same id in every source and every run:
+that is what makes exact-duplicate removal and the score cache work.
+
+Everything here is pure Python: Spark's pandas UDFs and the single-process baseline call it alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMAS = ("alpaca", "dolly", "sharegpt", "messages")
+
+ROLES = ("system", "user", "assistant")
+
+# ShareGPT and OpenAI exports name speakers in many ways; anything else is quarantined.
+ROLE_ALIASES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "prompter": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+}
+
+_WHITESPACE_RUN = re.compile(r"\s+")
+
+Conversation = list[dict[str, str]]
+
+
+class RecordError(ValueError):
+    """A record that cannot become a conversation; `reason` is the quarantine reason."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Canonical:
+    id: str
+    conversation: Conversation
+
+
+def normalise_text(text: str) -> str:
+    """Normalisation used for the content hash only: NFC, whitespace runs collapsed, ends stripped.
+
+    Case is kept. Stored conversations keep their line breaks (code and lists need them).
+    """
+    return _WHITESPACE_RUN.sub(" ", unicodedata.normalize("NFC", text)).strip()
+
+
+def content_id(conversation: Conversation) -> str:
+    """Stable 128-bit hex id of a conversation's normalised content (roles included)."""
+    canonical = json.dumps(
+        [[m["role"], normalise_text(m["content"])] for m in conversation],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
+
+
+def detect_schema(record: Mapping[str, Any]) -> str | None:
+    """Guess a record's schema from its keys; None when nothing fits."""
+    if "conversations" in record:
+        return "sharegpt"
+    if "messages" in record:
+        return "messages"
+    if "instruction" in record and ("context" in record or "response" in record):
+        return "dolly"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    return None
+
+
+def _text_field(record: Mapping[str, Any], name: str, required: bool = True) -> str:
+    if name not in record or record[name] is None:
+        if required:
+            raise RecordError(f"missing_field:{name}")
+        return ""
+    value = record[name]
+    if not isinstance(value, str):
+        raise RecordError(f"wrong_type:{name}", f"expected string, got {type(value).__name__}")
+    return value
+
+
+def _prompt_turns(instruction: str, extra: str) -> Conversation:
+    """Alpaca/Dolly: the input (or context) follows the instruction, as in the Alpaca template."""
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return [{"role": "user", "content": prompt}]
+
+
+def _from_alpaca(record: Mapping[str, Any]) -> Conversation:
+    instruction = _text_field(record, "instruction")
+    extra = _text_field(record, "input", required=False)
+    output = _text_field(record, "output")
+    return [*_prompt_turns(instruction, extra), {"role": "assistant", "content": output}]
+
+
+def _from_dolly(record: Mapping[str, Any]) -> Conversation:
+    instruction = _text_field(record, "instruction")
+    extra = _text_field(record, "context", required=False) or _text_field(
+        record, "input", required=False
+    )
+    response_key = "response" if "response" in record else "output"
+    output = _text_field(record, response_key)
+    return [*_prompt_turns(instruction, extra), {"role": "assistant", "content": output}]
+
+
+def _turns(items: Any, field: str, role_key: str, content_key: str) -> Conversation:
+    if not isinstance(items, list):
+        raise RecordError(f"wrong_type:{field}", f"expected list, got {type(items).__name__}")
+    conversation: Conversation = []
+    for i, turn in enumerate(items):
+        if not isinstance(turn, Mapping):
+            raise RecordError(f"wrong_type:{field}", f"turn {i} is {type(turn).__name__}")
+        raw_role = turn.get(role_key)
+        content = turn.get(content_key)
+        if not isinstance(raw_role, str):
+            raise RecordError(f"missing_field:{field}.{role_key}", f"turn {i}")
+        role = ROLE_ALIASES.get(raw_role.strip().lower())
+        if role is None:
+            raise RecordError("unknown_role", repr(raw_role)[:40])
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise RecordError(f"wrong_type:{field}.{content_key}", f"turn {i}")
+        conversation.append({"role": role, "content": content})
+    return conversation
+
+
+def _from_sharegpt(record: Mapping[str, Any]) -> Conversation:
+    if "conversations" not in record:
+        raise RecordError("missing_field:conversations")
+    return _turns(record["conversations"], "conversations", "from", "value")
+
+
+def _from_messages(record: Mapping[str, Any]) -> Conversation:
+    if "messages" not in record:
+        raise RecordError("missing_field:messages")
+    return _turns(record["messages"], "messages", "role", "content")
+
+
+_CONVERTERS = {
+    "alpaca": _from_alpaca,
+    "dolly": _from_dolly,
+    "sharegpt": _from_sharegpt,
+    "messages": _from_messages,
+}
+
+
+def to_canonical(record: Any, schema: str) -> Canonical:
+    """Turn one parsed record into its canonical conversation and id, or raise RecordError."""
+    if not isinstance(record, Mapping):
+        raise RecordError("not_an_object", type(record).__name__)
+    conversation = _CONVERTERS[schema](record)
+    conversation = [
+        {"role": m["role"], "content": unicodedata.normalize("NFC", m["content"])}
+        for m in conversation
+    ]
+    if not conversation or all(not normalise_text(m["content"]) for m in conversation):
+        raise RecordError("empty_conversation")
+    return Canonical(id=content_id(conversation), conversation=conversation)

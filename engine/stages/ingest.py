@@ -1,0 +1,247 @@
+"""Ingest stage (Spark): frame → parse → quarantine → exact dedup → records + indicators.
+
+The driver only frames sources into raw Parquet shards (record boundaries, byte checks, optional
+sampling); Spark parses, normalises, hashes and computes indicators per partition, removes exact
+duplicates globally and writes:
+  records/                one row per ingested record (id, source, row, dup_of, conversation, ...)
+  signals/indicators/     one row per unique id (the attribute sidecar)
+  quarantine.jsonl        one line per unreadable record
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.config import JobSpec
+from engine.parse import PARSED_SCHEMA, RAW_SCHEMA, parse_batch
+from engine.readers.framing import FrameStats, RawRecord
+from engine.readers.sources import Source, frame_source, resolve_source
+from engine.records import detect_schema
+from engine.runtime.rundir import RunDir
+from engine.signals.registry import INDICATOR_COLUMNS
+
+SCHEMA_SNIFF_ROWS = 200
+
+
+@dataclass
+class SourceReport:
+    source: str
+    container: str
+    schema: str | None
+    rows: int = 0
+    framed_rows: int = 0
+    bytes_read: int = 0
+    blank_lines: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def _sample_keep(seed: int, source: str, row: int, fraction: float) -> bool:
+    """Seeded, order-independent Bernoulli sample of rows."""
+    if fraction >= 1.0:
+        return True
+    digest = hashlib.blake2b(f"{seed}:{source}:{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def _sniff_schema(records: list[RawRecord]) -> str | None:
+    """The schema most of a source's first records have."""
+    votes: Counter[str] = Counter()
+    for record in records:
+        if record.raw is None:
+            continue
+        try:
+            parsed = json.loads(record.raw)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(parsed, dict) and (schema := detect_schema(parsed)):
+            votes[schema] += 1
+    return votes.most_common(1)[0][0] if votes else None
+
+
+class _ShardWriter:
+    """Raw records into Parquet shards of `shard_rows` rows: one shard, one Spark task."""
+
+    def __init__(self, folder: Path, shard_rows: int) -> None:
+        self.folder, self.shard_rows = folder, shard_rows
+        self.buffer: dict[str, list] = {name: [] for name in RAW_SCHEMA.names}
+        self.shards = 0
+        self.rows = 0
+
+    def add(self, source_index: int, record: RawRecord) -> None:
+        self.buffer["source_index"].append(source_index)
+        self.buffer["row"].append(record.row)
+        self.buffer["raw"].append(record.raw)
+        self.buffer["error"].append(record.error)
+        self.buffer["excerpt"].append(record.excerpt)
+        self.rows += 1
+        if len(self.buffer["row"]) >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer["row"]:
+            return
+        table = pa.Table.from_pydict(self.buffer, schema=RAW_SCHEMA)
+        pq.write_table(table, self.folder / f"part-{self.shards:05d}.parquet")
+        self.shards += 1
+        self.buffer = {name: [] for name in RAW_SCHEMA.names}
+
+
+def frame_inputs(
+    job: JobSpec, run: RunDir, progress: Callable[[str, int | None], Callable[[int], None]]
+) -> tuple[list[Source], list[SourceReport]]:
+    """Frame every input into raw shards under `_work/raw`; returns the sources and what was seen.
+
+    `progress(description, total)` returns an advance callback (bytes or rows).
+    """
+    folder = RunDir.reset_dir(run.work("raw"))
+    writer = _ShardWriter(folder, job.ingest.shard_rows)
+    sample = job.ingest.sample
+    sources: list[Source] = []
+    reports: list[SourceReport] = []
+    for index, spec in enumerate(job.inputs):
+        source = resolve_source(spec.path, spec.container)
+        stats = FrameStats()
+        advance = progress(f"framing {source.name}", source.size_bytes())
+        records: Iterator[RawRecord] = frame_source(
+            source, job.ingest.max_record_bytes, stats, advance
+        )
+        report = SourceReport(source.name, source.container, spec.schema_name)
+        head: list[RawRecord] = []
+        kept = 0
+        for record in records:
+            report.framed_rows += 1
+            if sample is not None and (
+                not _sample_keep(job.seed, source.name, record.row, sample.fraction)
+                or (sample.max_rows is not None and kept >= sample.max_rows)
+            ):
+                continue
+            kept += 1
+            if report.schema is None and len(head) < SCHEMA_SNIFF_ROWS:
+                head.append(record)
+                if len(head) == SCHEMA_SNIFF_ROWS:
+                    report.schema = _sniff_schema(head)
+                    for buffered in head:
+                        writer.add(index, buffered)
+                continue
+            writer.add(index, record)
+        if report.schema is None and head:
+            report.schema = _sniff_schema(head)
+        if len(head) < SCHEMA_SNIFF_ROWS:
+            for buffered in head:
+                writer.add(index, buffered)
+        report.rows = kept
+        report.bytes_read = stats.bytes_read
+        report.blank_lines = stats.blank_lines
+        report.warnings = stats.warnings
+        sources.append(source)
+        reports.append(report)
+    writer.flush()
+    return sources, reports
+
+
+def _parse_partitions(schemas: dict[int, str | None]) -> Callable[[Iterator[Any]], Iterator[Any]]:
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            yield parse_batch(batch, schemas)
+
+    return run
+
+
+def run_ingest(
+    job: JobSpec,
+    run: RunDir,
+    spark: Any,
+    progress: Callable[[str, int | None], Callable[[int], None]],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Run the whole ingest stage; returns the facts the manifest needs."""
+    from pyspark import StorageLevel
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    sources, reports = frame_inputs(job, run, progress)
+    schemas = {i: report.schema for i, report in enumerate(reports)}
+    for report in reports:
+        for warning in report.warnings:
+            log(f"[yellow]warning:[/] {warning}")
+
+    input_rows = sum(report.rows for report in reports)
+    if input_rows == 0:
+        raise ValueError("the inputs hold no records")
+    raw = spark.read.parquet(str(run.work("raw")))
+    parsed = raw.mapInArrow(_parse_partitions(schemas), from_arrow_schema(PARSED_SCHEMA))
+    parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
+
+    source_names = F.create_map(
+        *[item for i, s in enumerate(sources) for item in (F.lit(i), F.lit(s.name))]
+    )
+    quarantine_reasons: Counter[str] = Counter()
+    quarantine_by_source: Counter[str] = Counter()
+    quarantined = (
+        parsed.filter(F.col("status") == "quarantined")
+        .select("source_index", "row", "reason", "excerpt")
+        .orderBy("source_index", "row")
+    )
+    with open(run.quarantine, "w", encoding="utf-8") as handle:
+        for item in quarantined.toLocalIterator():
+            name = sources[item["source_index"]].name
+            quarantine_reasons[item["reason"]] += 1
+            quarantine_by_source[name] += 1
+            line = {"source": name, "row": item["row"], "reason": item["reason"]}
+            line["excerpt"] = item["excerpt"]
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+    first = Window.partitionBy("id").orderBy("source_index", "row")
+    ranked = (
+        parsed.filter(F.col("status") == "ok")
+        .withColumn("_rank", F.row_number().over(first))
+        .withColumn("source", source_names[F.col("source_index")])
+        .withColumn("dup_of", F.when(F.col("_rank") > 1, F.col("id")))
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
+    ranked.select(
+        "id", "source", "source_index", "row", "dup_of", "schema", "conversation", "original"
+    ).write.mode("overwrite").parquet(str(run.records))
+    ranked.filter(F.col("_rank") == 1).select("id", *INDICATOR_COLUMNS).write.mode(
+        "overwrite"
+    ).parquet(str(run.signal("indicators")))
+    ingested = ranked.count()
+    duplicates = ranked.filter(F.col("dup_of").isNotNull()).count()
+    ranked.unpersist()
+    parsed.unpersist()
+
+    total_quarantined = sum(quarantine_reasons.values())
+    if ingested + total_quarantined != input_rows:
+        raise RuntimeError(
+            f"ingest lost rows: {input_rows} framed, {ingested} ingested, "
+            f"{total_quarantined} quarantined"
+        )
+    sample = job.ingest.sample
+    return {
+        "input": input_rows,
+        "ingested": ingested,
+        "unique": ingested - duplicates,
+        "exact_duplicates": duplicates,
+        "quarantined": total_quarantined,
+        "quarantine_reasons": dict(quarantine_reasons.most_common()),
+        "quarantine_by_source": dict(quarantine_by_source),
+        "sources": [report.__dict__ for report in reports],
+        "sampling": None
+        if sample is None
+        else {
+            "fraction": sample.fraction,
+            "max_rows": sample.max_rows,
+            "framed_rows": sum(report.framed_rows for report in reports),
+            "kept_rows": input_rows,
+        },
+    }

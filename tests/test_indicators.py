@@ -1,0 +1,452 @@
+"""Tests for the cheap per-record quality indicators (engine.signals.indicators)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.signals.indicators import (
+    INDICATOR_COLUMNS,
+    INDICATOR_SCHEMA,
+    REFUSAL_PATTERNS,
+    _required_literal,
+    compute_indicators,
+    indicators_frame,
+    is_refusal,
+    mtld,
+    non_printable_count,
+    word_tokens,
+)
+
+
+def msg(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+# ---------------------------------------------------------------------------------------------
+# Single-turn basics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_single_turn_hand_checked() -> None:
+    conv = [
+        msg("system", "Be brief."),  # 9 chars
+        msg("user", "What is 2+2?"),  # 12 chars; what, is, 2, 2
+        msg("assistant", "It is 4."),  # 8 chars; it, is, 4 -> all unique: MTLD = 3
+    ]
+    assert compute_indicators(conv) == {
+        "turns": 1,
+        "system_chars": 9,
+        "user_chars": 12,
+        "assistant_chars": 8,
+        "user_words": 4,
+        "assistant_words": 3,
+        "mtld": 3.0,
+        "empty_response": False,
+        "refusal": False,
+        "repeated_line_ratio": 0.0,
+        "non_printable_ratio": 0.0,
+    }
+
+
+def test_word_tokens_lowercase_unicode() -> None:
+    assert word_tokens("Hello, WORLD! it's 2_000") == ["hello", "world", "it", "s", "2_000"]
+    assert word_tokens("Ünïcode café") == ["ünïcode", "café"]
+    assert word_tokens("") == []
+
+
+def test_empty_response_cases() -> None:
+    assert compute_indicators([msg("user", "hi")])["empty_response"] is True  # no assistant
+    assert compute_indicators([])["empty_response"] is True
+    assert compute_indicators([msg("user", "hi"), msg("assistant", "")])["empty_response"] is True
+    ws = compute_indicators([msg("user", "hi"), msg("assistant", " \n\t\u3000")])
+    assert ws["empty_response"] is True
+    assert ws["assistant_chars"] == 4
+    assert ws["assistant_words"] == 0
+    assert math.isnan(ws["mtld"])
+    # One good turn does not hide an empty later turn.
+    two = [msg("user", "a"), msg("assistant", "fine"), msg("user", "b"), msg("assistant", "  ")]
+    assert compute_indicators(two)["empty_response"] is True
+    ok = [msg("user", "a"), msg("assistant", "fine"), msg("user", "b"), msg("assistant", "ok")]
+    assert compute_indicators(ok)["empty_response"] is False
+
+
+def test_empty_conversation() -> None:
+    row = compute_indicators([])
+    assert row["turns"] == 0
+    assert row["system_chars"] == row["user_chars"] == row["assistant_chars"] == 0
+    assert math.isnan(row["mtld"])
+    assert row["repeated_line_ratio"] == 0.0
+    assert row["non_printable_ratio"] == 0.0
+    assert row["refusal"] is False
+
+
+def test_missing_content_and_unknown_role_are_tolerated() -> None:
+    conv = [{"role": "user", "content": None}, {"role": "tool", "content": "x\x00"}]
+    row = compute_indicators(conv)
+    assert row["user_chars"] == 0
+    assert row["turns"] == 0
+    # The unknown role counts towards non-printable ratio only: 1 of 2 characters.
+    assert row["non_printable_ratio"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# MTLD
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mtld_hand_computed_partial_factor() -> None:
+    # tokens a a b c, threshold 0.72
+    # forward : a (1/1) a (1/2 <= .72 -> factor 1, reset) b (1/1) c (2/2) -> remainder TTR 1,
+    #           partial 0 -> factors 1 -> 4 / 1 = 4
+    # backward: c (1/1) b (2/2) a (3/3) a (3/4 = .75 > .72) -> no full factor; partial
+    #           (1 - .75) / (1 - .72) = 25/28 -> 4 / (25/28) = 112/25 = 4.48
+    # MTLD = (4 + 4.48) / 2 = 4.24
+    assert mtld(["a", "a", "b", "c"]) == pytest.approx(4.24)
+
+
+def test_mtld_hand_computed_full_factors() -> None:
+    # forward : a b a (2/3 -> factor) b c c (2/3 -> factor), nothing left -> 6 / 2 = 3
+    # backward: c c (1/2 -> factor) b a b (2/3 -> factor) a (TTR 1, partial 0) -> 6 / 2 = 3
+    assert mtld(["a", "b", "a", "b", "c", "c"]) == pytest.approx(3.0)
+
+
+def test_mtld_factor_ends_at_exactly_the_threshold() -> None:
+    # t0..t17, then t0 seven more times, then x (26 tokens).
+    # forward : after token 25 the TTR is 18/25 = 0.72 exactly -> factor (<=, not <);
+    #           remainder [x] has TTR 1 -> partial 0 -> 26 / 1 = 26.
+    #           (With a strict < the pass would be 26 / ((1 - 19/26) / .28) = 27.04.)
+    # backward: x t0 t0 (2/3 -> factor) t0 t0 (factor) t0 t0 (factor) t0 t17..t1 (18 unique,
+    #           count 18) t0 (18/19) -> remainder partial (1 - 18/19) / .28
+    #           -> 26 / (3 + (1/19) / .28)
+    tokens = [f"t{i}" for i in range(18)] + ["t0"] * 7 + ["x"]
+    backward = 26 / (3 + (1 / 19) / 0.28)
+    assert mtld(tokens) == pytest.approx((26 + backward) / 2)
+
+
+def test_mtld_edge_cases() -> None:
+    assert math.isnan(mtld([]))
+    # All unique: no factor and TTR 1 in the remainder -> defined as len(tokens).
+    assert mtld(["a"]) == 1.0
+    assert mtld(["a", "b", "c", "d"]) == 4.0
+    # a a | a a | a : two factors, remainder TTR 1 (partial 0) -> 5 / 2 both ways.
+    assert mtld(["a"] * 5) == pytest.approx(2.5)
+    # Threshold is a parameter.
+    assert mtld(["a", "b", "a"], threshold=0.5) != mtld(["a", "b", "a"])
+    with pytest.raises(ValueError):
+        mtld(["a"], threshold=1.0)
+
+
+def test_mtld_is_over_all_assistant_turns_concatenated() -> None:
+    conv = [
+        msg("user", "Hello there"),
+        msg("assistant", "Hi! How can I help?"),
+        msg("user", "Tell me a joke."),
+        msg("assistant", "Why did the chicken cross the road?\nHi! How can I help?"),
+    ]
+    tokens = word_tokens(
+        "Hi! How can I help? Why did the chicken cross the road? Hi! How can I help?"
+    )
+    # 17 tokens; both passes complete one factor at token 16 (11/16 = .6875) and leave one
+    # token (TTR 1, partial 0) -> 17 / 1 = 17 each way.
+    assert mtld(tokens) == pytest.approx(17.0)
+    assert compute_indicators(conv)["mtld"] == pytest.approx(17.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-turn aggregation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_multi_turn_aggregation() -> None:
+    conv = [
+        msg("system", "S"),
+        msg("user", "Hello there"),  # 11 chars, 2 words
+        msg("assistant", "Hi! How can I help?"),  # 19 chars, 5 words
+        msg("user", "Tell me a joke."),  # 15 chars, 4 words
+        # 35 + 1 + 19 = 55 chars, 7 + 5 = 12 words
+        msg("assistant", "Why did the chicken cross the road?\nHi! How can I help?"),
+    ]
+    row = compute_indicators(conv)
+    assert row["turns"] == 2
+    assert row["system_chars"] == 1
+    assert row["user_chars"] == 26
+    assert row["assistant_chars"] == 74
+    assert row["user_words"] == 6
+    assert row["assistant_words"] == 17
+    # Assistant lines: "Hi! How can I help?", "Why did ...", "Hi! How can I help?" (repeat
+    # across turns) -> 1 / 3.
+    assert row["repeated_line_ratio"] == pytest.approx(1 / 3)
+    assert row["empty_response"] is False
+    assert row["refusal"] is False
+
+
+def test_repeated_line_ratio() -> None:
+    text = "step one\n\n  step one  \nstep two\nstep one\n   \n"
+    # Non-blank stripped lines: step one, step one, step two, step one -> 2 repeats of 4.
+    row = compute_indicators([msg("user", "step one\nstep one"), msg("assistant", text)])
+    assert row["repeated_line_ratio"] == pytest.approx(0.5)
+    # Repeats in the user turn do not count.
+    user_only = compute_indicators([msg("user", "a\na"), msg("assistant", "b")])
+    assert user_only["repeated_line_ratio"] == 0.0
+    # Only blank lines -> 0.0.
+    assert compute_indicators([msg("assistant", "\n \n")])["repeated_line_ratio"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-Latin scripts
+# ---------------------------------------------------------------------------------------------
+
+
+def test_korean_and_chinese_row() -> None:
+    conv = [
+        msg("user", "안녕하세요, 반갑습니다"),  # 5 + 1 + 1 + 5 = 12 chars, 2 tokens
+        msg("assistant", "你好，世界。你好，世界。"),  # 12 chars; 你好 世界 你好 世界
+    ]
+    row = compute_indicators(conv)
+    assert row["user_chars"] == 12
+    assert row["user_words"] == 2
+    assert row["assistant_chars"] == 12
+    assert row["assistant_words"] == 4
+    # forward: 你好 世界 你好 (2/3 -> factor) 世界 (TTR 1) -> 4; backward likewise -> 4.
+    assert row["mtld"] == pytest.approx(4.0)
+    assert row["non_printable_ratio"] == 0.0
+    assert row["empty_response"] is False
+    # CJK without spaces or punctuation is a single \w+ token (documented limitation).
+    assert word_tokens("我喜欢学习中文") == ["我喜欢学习中文"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-printable characters
+# ---------------------------------------------------------------------------------------------
+
+
+def test_control_characters_counted() -> None:
+    conv = [
+        msg("user", "a\x00b"),  # 3 chars, 1 non-printable
+        msg("assistant", "ok\x07\n\tfine\r\n"),  # 11 chars, 1 non-printable (\n \t \r are fine)
+    ]
+    row = compute_indicators(conv)
+    assert row["user_chars"] + row["assistant_chars"] == 14
+    assert row["non_printable_ratio"] == pytest.approx(2 / 14)
+
+
+def test_emoji_with_zwj_not_counted() -> None:
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # man ZWJ woman ZWJ girl
+    heart = "\u2764\ufe0f"  # heart + variation selector-16
+    scotland = "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"
+    conv = [msg("user", "hi 👋"), msg("assistant", f"Family {family} {heart} {scotland}")]
+    assert compute_indicators(conv)["non_printable_ratio"] == 0.0
+    assert non_printable_count(family + heart + scotland) == 0
+
+
+def test_non_printable_count_categories() -> None:
+    assert non_printable_count("plain text\n\twith\r\nbreaks") == 0
+    assert non_printable_count("\x00\x07\x1b\x7f\x85") == 5  # Cc
+    assert non_printable_count("\u200b\ufeff\u00ad\u202e") == 4  # Cf (ZWSP, BOM, SHY, RLO)
+    assert non_printable_count("\ue000\U000f0000") == 2  # Co, BMP and astral
+    assert non_printable_count("\u0378\U000effff") == 2  # Cn, BMP and astral
+    assert non_printable_count("\ud800") == 1  # Cs (lone surrogate)
+    assert non_printable_count("\U0001f600\U00020000") == 0  # emoji, CJK ext. B
+    # Astral results are cached: asking twice gives the same answer.
+    assert non_printable_count("\U000f0000\U000f0000") == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals
+# ---------------------------------------------------------------------------------------------
+
+REFUSALS = [
+    "As an AI language model, I cannot browse the internet.",
+    "Well, as a language model I do not know.",
+    "AS AN AI ASSISTANT I must decline.",
+    "I'm sorry, but I cannot help with that.",
+    "I’m sorry, but I can’t help with that.",
+    "I am sorry, but I can't do that.",
+    "I am sorry but I cannot comply.",
+    "Unfortunately I cannot fulfill this request.",
+    "I can't assist with that request.",
+    "I am unable to provide medical advice.",
+    "I'm not able to provide that information.",
+    "This violates OpenAI's content policy.",
+    "That is against OpenAI’s use-case policies.",
+    "It is not appropriate for me to comment.",
+    "I don't have personal opinions on politics.",
+    "I don’t have personal feelings.",
+]
+
+NON_REFUSALS = [
+    "I'm sorry to hear that! Here is how to fix it: restart the router.",
+    "I'm sorry, but here is the answer anyway: 42.",
+    "GPT-2 is a language model trained by OpenAI.",
+    "I am able to help. Let's start.",
+    "The function cannot fail.",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", REFUSALS)
+def test_refusal_positive(text: str) -> None:
+    assert is_refusal(text)
+    assert compute_indicators([msg("user", "q"), msg("assistant", text)])["refusal"] is True
+
+
+@pytest.mark.parametrize("text", NON_REFUSALS)
+def test_refusal_negative(text: str) -> None:
+    assert not is_refusal(text)
+    assert compute_indicators([msg("user", "q"), msg("assistant", text)])["refusal"] is False
+
+
+def test_refusal_only_looks_at_assistant_text() -> None:
+    conv = [
+        msg("system", "Never say 'as an AI language model'."),
+        msg("user", "Pretend: I am unable to sleep."),
+        msg("assistant", "Try a warm drink before bed."),
+    ]
+    assert compute_indicators(conv)["refusal"] is False
+    conv.append(msg("assistant", "As an AI language model, I can't sleep."))
+    assert compute_indicators(conv)["refusal"] is True
+
+
+def test_refusal_patterns_constant() -> None:
+    assert isinstance(REFUSAL_PATTERNS, tuple)
+    assert all(isinstance(p, str) for p in REFUSAL_PATTERNS)
+    # Every pattern is exercised by at least one positive example.
+    for pattern in REFUSAL_PATTERNS:
+        assert any(re.search(pattern, t.lower()) for t in REFUSALS), pattern
+
+
+_FULL_REFUSAL_RE = re.compile(r"\b(?:" + "|".join(f"(?:{p})" for p in REFUSAL_PATTERNS) + ")")
+_PHRASES = [*REFUSALS, *NON_REFUSALS, "I’M SORRY, BUT I CAN’T", "openai's ", " but i ", "polic"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(_PHRASES), st.text(max_size=20)), max_size=6))
+def test_property_refusal_prefilter_is_exact(parts: list[str]) -> None:
+    # The substring prefilter must never change the answer of the full alternation.
+    text = " ".join(parts)
+    assert is_refusal(text) == (_FULL_REFUSAL_RE.search(text.lower()) is not None)
+
+
+def test_required_literal() -> None:
+    assert _required_literal("as an ai assistant") == "as an ai assistant"
+    assert _required_literal("i(?:'m| am) sorry,? but i (?:cannot|can't)") == " but i "
+    assert _required_literal("ab[cd]+efgh") == "efgh"
+    assert _required_literal("abc?def") == "def"
+    assert _required_literal("x\\sabcd") == "abcd"
+    assert _required_literal("abcd|efgh") is None  # top-level alternation
+    assert _required_literal("(?:a(?:b))cde") is None  # nested group
+    assert _required_literal("ab?cd") is None  # nothing long enough
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch frame
+# ---------------------------------------------------------------------------------------------
+
+SAMPLE = [
+    [msg("system", "Be brief."), msg("user", "What is 2+2?"), msg("assistant", "It is 4.")],
+    [msg("user", "hi")],
+    [],
+    [msg("user", "안녕"), msg("assistant", "你好，世界。\n你好，世界。")],
+    [msg("user", "x\x00"), msg("assistant", "As an AI language model, no.")],
+]
+
+
+def _expected_dtype(name: str) -> np.dtype:
+    return np.dtype(INDICATOR_SCHEMA.field(name).type.to_pandas_dtype())
+
+
+def test_frame_columns_and_dtypes_match_schema() -> None:
+    frame = indicators_frame(SAMPLE)
+    assert list(frame.columns) == list(INDICATOR_SCHEMA.names) == list(INDICATOR_COLUMNS)
+    assert len(frame) == len(SAMPLE)
+    for name in INDICATOR_SCHEMA.names:
+        assert frame[name].dtype == _expected_dtype(name), name
+    assert frame["turns"].dtype == np.int32
+    assert frame["system_chars"].dtype == np.int64
+    assert frame["mtld"].dtype == np.float64
+    assert frame["refusal"].dtype == np.bool_
+
+
+def test_frame_equals_rowwise() -> None:
+    frame = indicators_frame(SAMPLE)
+    expected = pd.DataFrame([compute_indicators(c) for c in SAMPLE]).astype(
+        {name: _expected_dtype(name) for name in INDICATOR_COLUMNS}
+    )
+    pd.testing.assert_frame_equal(frame, expected)
+    assert list(frame["refusal"]) == [False, False, False, False, True]
+    assert list(frame["turns"]) == [1, 0, 0, 1, 1]
+
+
+def test_frame_empty_input() -> None:
+    frame = indicators_frame([])
+    assert len(frame) == 0
+    assert list(frame.columns) == list(INDICATOR_COLUMNS)
+    for name in INDICATOR_COLUMNS:
+        assert frame[name].dtype == _expected_dtype(name), name
+
+
+def test_frame_accepts_arrow_style_numpy_arrays() -> None:
+    # Spark/Arrow hand a list<struct> column to pandas as object arrays of dicts.
+    column = pd.Series([np.array(c, dtype=object) for c in SAMPLE], dtype=object)
+    pd.testing.assert_frame_equal(indicators_frame(column.tolist()), indicators_frame(SAMPLE))
+    pd.testing.assert_frame_equal(indicators_frame(column), indicators_frame(SAMPLE))
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties
+# ---------------------------------------------------------------------------------------------
+
+messages = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant"]), "content": st.text(max_size=80)}
+)
+conversations = st.lists(messages, max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(conversations, max_size=5))
+def test_property_random_conversations(batch: list[list[dict[str, str]]]) -> None:
+    frame = indicators_frame(batch)
+    assert len(frame) == len(batch)
+    for i, conv in enumerate(batch):
+        row = compute_indicators(conv)
+        for role in ("system", "user", "assistant"):
+            assert row[f"{role}_chars"] == sum(len(m["content"]) for m in conv if m["role"] == role)
+        assert row["turns"] == sum(m["role"] == "assistant" for m in conv)
+        assert row["assistant_words"] == sum(
+            len(word_tokens(m["content"])) for m in conv if m["role"] == "assistant"
+        )
+        assert 0.0 <= row["repeated_line_ratio"] <= 1.0
+        assert 0.0 <= row["non_printable_ratio"] <= 1.0
+        if row["assistant_words"] == 0:
+            assert math.isnan(row["mtld"])
+        else:
+            assert row["mtld"] > 0.0
+        assert row["empty_response"] == (
+            row["turns"] == 0
+            or any(not m["content"].strip() for m in conv if m["role"] == "assistant")
+        )
+        got = frame.iloc[i].to_dict()
+        for name, value in row.items():
+            if isinstance(value, float) and math.isnan(value):
+                assert math.isnan(got[name])
+            else:
+                assert got[name] == value, name
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet="abcde", min_size=1, max_size=3), max_size=60))
+def test_property_mtld(tokens: list[str]) -> None:
+    value = mtld(tokens)
+    if not tokens:
+        assert math.isnan(value)
+        return
+    assert value > 0.0
+    if len(set(tokens)) == len(tokens):
+        assert value == len(tokens)
