@@ -21,7 +21,7 @@ def _spec(tmp_path: Path, text: str) -> Path:
 
 
 def test_shipped_job_specs_are_valid() -> None:
-    for path in sorted((REPO / "jobs").glob("*.yaml")):
+    for path in sorted([*(REPO / "jobs").glob("*.yaml"), *(REPO / "cluster").glob("*.yaml")]):
         job = load_job(path)
         assert job.inputs, path
 
