@@ -40,14 +40,18 @@ def _fail(message: str, code: int) -> None:
 
 def _execute(job: JobSpec, out: str | None, force: bool) -> None:
     from engine.pipeline import JobRunner, python_command
+    from engine.stages.actor_scoring import PlacementError
+    from engine.stages.ingest import EmptyInputError
 
     target = out or job.out
     if target is None:
         _fail("no output directory: pass --out DIR or set `out:` in the job spec", EXIT_CONFIG)
     try:
         manifest = JobRunner(job, target, console).execute(force=force, command=python_command())
-    except SourceError as exc:
+    except (SourceError, EmptyInputError) as exc:
         _fail(str(exc), EXIT_INPUT)
+    except PlacementError as exc:
+        _fail(str(exc), EXIT_CONFIG)
     counts = manifest["counts"]
     rejected = sum(counts["rejected"].values())
     console.print(

@@ -16,7 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from engine.readers.sources import CONTAINERS
 from engine.records import SCHEMAS
 from engine.selection.filters import Rule, RuleError
-from engine.signals.registry import MODEL_SIGNAL_COLUMNS, SIGNAL_NAMES, columns_for
+from engine.signals.registry import (
+    MODEL_SIGNAL_COLUMNS,
+    RESERVED_REASONS,
+    SIGNAL_NAMES,
+    column_kind,
+    columns_for,
+)
 
 
 class Strict(BaseModel):
@@ -67,6 +73,13 @@ class IngestSpec(Strict):
 class FilterSpec(Strict):
     reject_if: str
     reason: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_:.-]*$")]
+
+    @field_validator("reason")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in RESERVED_REASONS or value.startswith("quarantine"):
+            raise ValueError(f"reason {value!r} is reserved for Winnow's own decisions")
+        return value
 
     @field_validator("reject_if")
     @classmethod
@@ -174,11 +187,17 @@ class JobSpec(Strict):
         available = set(columns_for(self.signals))
         hint = "; enable the signal that produces it with --signals"
         for i, spec in enumerate(self.select.filters):
-            column = spec.rule().column
-            if column not in available:
-                raise ValueError(
-                    f"select.filters[{i}].reject_if: unknown signal column {column!r}{hint}"
-                )
+            rule = spec.rule()
+            where = f"select.filters[{i}].reject_if"
+            if rule.column not in available:
+                raise ValueError(f"{where}: unknown signal column {rule.column!r}{hint}")
+            kind = column_kind(rule.column)
+            is_bool = isinstance(rule.value, bool)
+            if (kind == "bool") != is_bool or isinstance(rule.value, str):
+                expected = "true or false" if kind == "bool" else "a number"
+                raise ValueError(f"{where}: {rule.column} is compared with {expected}")
+            if kind == "bool" and rule.op not in ("==", "!="):
+                raise ValueError(f"{where}: {rule.column} is true/false; use == or !=")
         score = self.select.ranking_score()
         if score is not None and score not in available:
             raise ValueError(f"select.score: unknown signal column {score!r}{hint}")

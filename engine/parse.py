@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import pyarrow as pa
 
+from engine.readers.framing import EXCERPT_CHARS
 from engine.records import RecordError, detect_schema, to_canonical
 from engine.signals.indicators import INDICATOR_SCHEMA, indicators_frame
 
@@ -42,8 +43,6 @@ PARSED_SCHEMA = pa.schema(
     ]
 )
 
-EXCERPT_CHARS = 300
-
 
 def parse_batch(batch: pa.RecordBatch, schemas: Mapping[int, str | None]) -> pa.RecordBatch:
     """Turn raw JSON texts into canonical rows; `schemas` maps source_index to its schema.
@@ -64,7 +63,7 @@ def parse_batch(batch: pa.RecordBatch, schemas: Mapping[int, str | None]) -> pa.
         else:
             try:
                 record = json.loads(raw)
-            except (json.JSONDecodeError, RecursionError):
+            except (ValueError, RecursionError):  # bad JSON, huge integers, deep nesting
                 reason, excerpt = "invalid_json", raw[:EXCERPT_CHARS]
             else:
                 schema = schemas.get(source_index) or (

@@ -7,6 +7,7 @@ everything after it, while a plain re-run into the same `--out` skips what is do
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -19,20 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine.config import JobSpec
 from engine.runtime.rundir import RunDir, fingerprint, write_json_atomic
 
 # Bump when a stage's output format or semantics change, so old markers stop matching.
-STAGE_VERSIONS = {"ingest": 1, "tokens": 1, "select": 1, "export": 1, "report": 1}
+STAGE_VERSIONS = {"ingest": 2, "tokens": 1, "select": 1, "export": 1}
 
 PACKAGES = (
     "winnow",
@@ -64,10 +58,35 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def input_state(job: JobSpec) -> list[dict[str, Any]]:
+    """What identifies each input's content cheaply: resolved path, sizes and mtimes of its files.
+
+    An edited file re-runs ingest; a hub dataset is identified by its name (and split).
+    """
+    state = []
+    for spec in job.inputs:
+        path = Path(spec.path)
+        if path.exists():
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+            state.append({"path": str(path.resolve()), "files": stats})
+        else:
+            state.append({"path": spec.path})
+    return state
+
+
 def stage_fingerprints(job: JobSpec) -> dict[str, str]:
     """What each stage's output depends on; resources (CPUs, batch sizes) do not count."""
+    config = job.model_dump(mode="json")
     fps = {
-        "ingest": fingerprint("ingest", STAGE_VERSIONS["ingest"], job.inputs, job.ingest, job.seed)
+        "ingest": fingerprint(
+            "ingest",
+            STAGE_VERSIONS["ingest"],
+            config["inputs"],
+            input_state(job),
+            config["ingest"],
+            job.seed,
+        )
     }
     upstream = [fps["ingest"]]
     for name in job.model_signals():
@@ -76,7 +95,9 @@ def stage_fingerprints(job: JobSpec) -> dict[str, str]:
             name, STAGE_VERSIONS[name], fps["ingest"], spec.model, spec.trust_remote_code
         )
         upstream.append(fps[name])
-    fps["select"] = fingerprint("select", STAGE_VERSIONS["select"], upstream, job.select, job.seed)
+    fps["select"] = fingerprint(
+        "select", STAGE_VERSIONS["select"], upstream, config["select"], job.seed
+    )
     fps["export"] = fingerprint("export", STAGE_VERSIONS["export"], fps["select"])
     return fps
 
@@ -109,20 +130,32 @@ class JobRunner:
         columns = [
             TextColumn("{task.description}"),
             BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            TextColumn("{task.fields[done]}"),
             TimeElapsedColumn(),
         ]
         with Progress(*columns, console=self.console, transient=False) as progress:
 
             def factory(description: str, total: int | None) -> Callable[[int], None]:
-                task = progress.add_task(description, total=total)
-                return lambda n: progress.advance(task, n)
+                """Bytes when the size is known (files), rows otherwise (Parquet, datasets)."""
+                task = progress.add_task(description, total=total, done="")
+                unit = "MB" if total is not None else "rows"
+                scale = 1e6 if total is not None else 1
+
+                completed = 0
+
+                def advance(n: int) -> None:
+                    nonlocal completed
+                    completed += n
+                    progress.update(
+                        task, completed=completed, done=f"{completed / scale:,.0f} {unit}"
+                    )
+
+                return advance
 
             yield factory
 
     def _stage(self, name: str, fp: str, force: bool, work: Callable[[], dict]) -> dict:
-        done = None if force else self.run.completed(name, fp)
+        done = None if force else self.run.completed(name, fp, self._outputs(name))
         if done is not None:
             self.skipped.append(name)
             self.timings[name] = done.get("seconds", 0.0)
@@ -145,6 +178,7 @@ class JobRunner:
         from engine.stages.select import run_select
 
         started = datetime.now(UTC).isoformat(timespec="seconds")
+        self._check_placement()
         fps = stage_fingerprints(self.job)
         # A forced or changed stage invalidates everything after it.
         redo = force
@@ -215,6 +249,27 @@ class JobRunner:
         self.timings["report"] = round(time.perf_counter() - start, 3)
         write_json_atomic(self.run.manifest, manifest)
         return manifest
+
+    def _outputs(self, stage: str) -> list[Path]:
+        """What a completed stage must have left on disk to be skipped."""
+        run = self.run
+        if stage == "ingest":
+            return [run.records, run.signal("indicators"), run.quarantine]
+        if stage == "select":
+            return [run.scores]
+        if stage == "export":
+            return [run.selected, run.random_baseline]
+        return [run.signal(stage)]
+
+    def _check_placement(self) -> None:
+        """Refuse an actor pool that cannot be placed on a local Ray, before any work starts."""
+        if self.job.ray.address is not None:
+            return
+        from engine.stages.actor_scoring import check_placement
+
+        cpus = self.job.ray.num_cpus or os.cpu_count() or 1
+        for name in self.job.model_signals():
+            check_placement(getattr(self.job.stages, name), name, cpus)
 
     def _model_stage(self, name: str) -> dict:
         from engine.runtime.ray_cluster import ensure_ray

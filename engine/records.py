@@ -37,6 +37,8 @@ ROLE_ALIASES = {
 }
 
 _WHITESPACE_RUN = re.compile(r"\s+")
+# JSON can spell unpaired surrogates (\\ud800): text that cannot be written as UTF-8.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 Conversation = list[dict[str, str]]
 
@@ -127,10 +129,15 @@ def _turns(items: Any, field: str, role_key: str, content_key: str) -> Conversat
     for i, turn in enumerate(items):
         if not isinstance(turn, Mapping):
             raise RecordError(f"wrong_type:{field}", f"turn {i} is {type(turn).__name__}")
+        # ShareGPT exports on the hub often use role/content inside `conversations`.
+        if role_key not in turn and "role" in turn:
+            role_key, content_key = "role", "content"
         raw_role = turn.get(role_key)
         content = turn.get(content_key)
-        if not isinstance(raw_role, str):
+        if raw_role is None:
             raise RecordError(f"missing_field:{field}.{role_key}", f"turn {i}")
+        if not isinstance(raw_role, str):
+            raise RecordError(f"wrong_type:{field}.{role_key}", f"turn {i}")
         role = ROLE_ALIASES.get(raw_role.strip().lower())
         if role is None:
             raise RecordError("unknown_role", repr(raw_role)[:40])
@@ -173,4 +180,6 @@ def to_canonical(record: Any, schema: str) -> Canonical:
     ]
     if not conversation or all(not normalise_text(m["content"]) for m in conversation):
         raise RecordError("empty_conversation")
+    if any(_LONE_SURROGATE.search(m["content"]) for m in conversation):
+        raise RecordError("invalid_utf8", "unpaired surrogate escape")
     return Canonical(id=content_id(conversation), conversation=conversation)

@@ -68,6 +68,27 @@ def test_defaults() -> None:
             {"inputs": [{"path": "a"}], "stages": {"tokens": {"num_cpus": 0}}},
             "stages.tokens.num_cpus",
         ),
+        (
+            {
+                "inputs": [{"path": "a"}],
+                "select": {"filters": [{"reject_if": 'turns > "abc"', "reason": "r"}]},
+            },
+            "select.filters[0].reject_if: turns is compared with a number",
+        ),
+        (
+            {
+                "inputs": [{"path": "a"}],
+                "select": {"filters": [{"reject_if": "refusal > 0", "reason": "r"}]},
+            },
+            "select.filters[0].reject_if: refusal is compared with true or false",
+        ),
+        (
+            {
+                "inputs": [{"path": "a"}],
+                "select": {"filters": [{"reject_if": "turns > 9", "reason": "below_budget"}]},
+            },
+            "select.filters.0.reason: reason 'below_budget' is reserved",
+        ),
     ],
 )
 def test_bad_specs_name_the_field(data: dict, message: str) -> None:

@@ -298,3 +298,56 @@ def test_truncated_json_input_quarantines_the_cut_record(tmp_path: Path, alpaca_
     assert manifest["counts"]["input"] == 120
     assert manifest["counts"]["quarantine_reasons"] == {"truncated_record": 1}
     assert "truncated JSON array" in manifest["sources"][0]["warnings"][0]
+
+
+def test_empty_input_and_unplaceable_pool_fail_cleanly(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    result = runner.invoke(app, ["select", str(empty), "--out", str(tmp_path / "a")])
+    assert result.exit_code == 3 and "hold no records" in result.output
+
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"instruction": "a", "output": "b"}\n', encoding="utf-8")
+    config = tmp_path / "job.yaml"
+    config.write_text("stages: {tokens: {num_cpus: 1, concurrency: 4}}\n", encoding="utf-8")
+    out = tmp_path / "b"
+    result = runner.invoke(
+        app,
+        ["select", str(good), "--out", str(out), "--signals", "tokens", "--config", str(config)],
+    )
+    assert result.exit_code == 2 and "stages.tokens" in result.output
+    assert not (out / "records").exists()  # refused before any work
+
+
+def test_all_rows_quarantined_still_reconciles(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": 1}\nnot json\n[]\n', encoding="utf-8")
+    result = runner.invoke(
+        app, ["select", str(bad), "--out", str(tmp_path / "o"), "--signals", "tokens"]
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["counts"] == {
+        "input": 3,
+        "quarantined": 3,
+        "rejected": {},
+        "selected": 0,
+        "quarantine_reasons": {"invalid_json": 1, "not_an_object": 1, "unknown_schema": 1},
+    }
+    assert (tmp_path / "o" / "selected.jsonl").read_text() == ""
+    assert len(pd.read_parquet(tmp_path / "o" / "scores.parquet")) == 0
+
+
+def test_edited_input_or_missing_output_reruns_stages(tmp_path: Path, alpaca_rows: list) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in alpaca_rows[:100]), encoding="utf-8")
+    args = ["select", str(path), "--out", str(tmp_path / "o"), "--budget", "10"]
+    assert runner.invoke(app, args).exit_code == 0
+    (tmp_path / "o" / "scores.parquet").unlink()
+    assert runner.invoke(app, args).exit_code == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["skipped_stages"] == ["ingest"]
+    path.write_text("\n".join(json.dumps(r) for r in alpaca_rows[:120]), encoding="utf-8")
+    assert runner.invoke(app, args).exit_code == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["skipped_stages"] == [] and manifest["counts"]["input"] == 120

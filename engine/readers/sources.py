@@ -55,7 +55,7 @@ def builtin_dataset_path(name: str) -> Path:
 def _sniff_json(path: Path) -> str:
     """A `.json` file is an array, or JSON Lines mislabelled as `.json`."""
     with open(path, "rb") as handle:
-        head = handle.read(4096).lstrip()
+        head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
     return "json" if head[:1] == b"[" else "jsonl"
 
 

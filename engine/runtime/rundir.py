@@ -78,19 +78,32 @@ class RunDir:
     def _marker(self, stage: str) -> Path:
         return self.root / "_stages" / f"{stage}.json"
 
-    def completed(self, stage: str, stage_fingerprint: str) -> dict[str, Any] | None:
-        """The marker's payload if `stage` finished with this fingerprint, else None."""
+    def completed(
+        self, stage: str, stage_fingerprint: str, outputs: list[Path] | None = None
+    ) -> dict[str, Any] | None:
+        """The marker's payload if `stage` finished with this fingerprint and its outputs are
+        still there, else None."""
         marker = self._marker(stage)
         if not marker.is_file():
             return None
         payload = json.loads(marker.read_text(encoding="utf-8"))
-        return payload if payload.get("fingerprint") == stage_fingerprint else None
+        if payload.get("fingerprint") != stage_fingerprint:
+            return None
+        if any(not path.exists() for path in outputs or []):
+            return None
+        return payload
 
     def mark_done(self, stage: str, stage_fingerprint: str, info: dict[str, Any]) -> None:
         write_json_atomic(self._marker(stage), {"fingerprint": stage_fingerprint, **info})
 
     def clear(self, stage: str) -> None:
         self._marker(stage).unlink(missing_ok=True)
+
+    @staticmethod
+    def remove(*paths: Path) -> None:
+        """Drop intermediate folders once their stage no longer needs them."""
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
 
     @staticmethod
     def reset_dir(path: Path) -> Path:

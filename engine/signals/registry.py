@@ -6,15 +6,26 @@ before any work starts.
 
 from __future__ import annotations
 
-from engine.signals.indicators import INDICATOR_SCHEMA
+import pyarrow as pa
 
-# Always computed on Spark during ingest.
-INDICATOR_COLUMNS: tuple[str, ...] = tuple(INDICATOR_SCHEMA.names)
+from engine.signals.indicators import INDICATOR_COLUMNS, INDICATOR_SCHEMA
+from engine.signals.tokens import TOKEN_SCHEMA
 
 # Model-backed signals computed by Ray actor pools, by the name `--signals` uses.
 MODEL_SIGNAL_COLUMNS: dict[str, tuple[str, ...]] = {
-    "tokens": ("tokens_user", "tokens_assistant", "tokens_chat"),
+    "tokens": tuple(TOKEN_SCHEMA.names[1:]),
 }
+
+_TYPES: dict[str, pa.DataType] = {f.name: f.type for f in (*INDICATOR_SCHEMA, *TOKEN_SCHEMA)}
+
+# Reasons Winnow itself gives; a filter may not reuse them, or the counts would mix.
+RESERVED_REASONS = ("exact_duplicate", "below_budget", "near_duplicate", "semantic_duplicate")
+
+
+def column_kind(column: str) -> str:
+    """'bool' or 'number': what a filter may compare the column with."""
+    return "bool" if pa.types.is_boolean(_TYPES[column]) else "number"
+
 
 SIGNAL_NAMES: tuple[str, ...] = ("indicators", *MODEL_SIGNAL_COLUMNS)
 

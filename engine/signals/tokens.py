@@ -31,8 +31,24 @@ class TokenCounter:
         )
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
 
+    def _render(self, conversations: Sequence[list[dict]]) -> list[str | None]:
+        """Chat-template text per conversation; None where the template refuses one
+        (templates that demand strict user/assistant alternation raise on some rows)."""
+        try:
+            return list(self.tokenizer.apply_chat_template(list(conversations), tokenize=False))
+        except Exception:
+            rendered: list[str | None] = []
+            for conversation in conversations:
+                try:
+                    rendered.append(
+                        self.tokenizer.apply_chat_template(conversation, tokenize=False)
+                    )
+                except Exception:
+                    rendered.append(None)
+            return rendered
+
     def count(self, ids: Sequence[str], conversations: Sequence[list[dict]]) -> pa.RecordBatch:
-        """`tokens_chat` is null when the tokenizer has no chat template."""
+        """`tokens_chat` is null when the tokenizer has no chat template or it refuses the row."""
         texts, owners, roles = [], [], []
         for i, conversation in enumerate(conversations):
             for message in conversation:
@@ -53,9 +69,13 @@ class TokenCounter:
                 assistant[owner] += length
         chat: list[int | None] = [None] * len(conversations)
         if self.has_chat_template and conversations:
-            rendered = self.tokenizer.apply_chat_template(list(conversations), tokenize=False)
-            encoded = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
-            chat = [len(x) for x in encoded]
+            rendered = self._render(conversations)
+            present = [i for i, text in enumerate(rendered) if text is not None]
+            encoded = self.tokenizer([rendered[i] for i in present], add_special_tokens=False)[
+                "input_ids"
+            ]
+            for i, ids_ in zip(present, encoded, strict=True):
+                chat[i] = len(ids_)
         return pa.RecordBatch.from_pydict(
             {
                 "id": list(ids),

@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from engine.config import ActorSpec
 
@@ -22,11 +23,15 @@ def _unique_records(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_null(batch["dup_of"])).select(["id", "conversation"])
 
 
+class PlacementError(ValueError):
+    """An actor pool the cluster cannot hold; names the config fields to change."""
+
+
 def check_placement(spec: ActorSpec, stage: str, cluster_cpus: float) -> None:
     """Refuse a pool that would hold every CPU: Ray Data's read tasks could never be scheduled."""
     wanted = spec.num_cpus * spec.concurrency
     if wanted >= cluster_cpus:
-        raise ValueError(
+        raise PlacementError(
             f"stages.{stage}: {spec.concurrency} actors x {spec.num_cpus} CPUs = {wanted} "
             f"would hold all {cluster_cpus:g} CPUs of the Ray cluster and starve its read tasks; "
             f"lower stages.{stage}.concurrency or num_cpus (fractions are allowed)"
@@ -40,6 +45,7 @@ def run_actor_stage(
     constructor_kwargs: dict[str, Any],
     spec: ActorSpec,
     stage: str,
+    schema: pa.Schema,
 ) -> int:
     """Score every unique record with `actor_cls` on an actor pool; returns rows written."""
     import ray
@@ -59,10 +65,7 @@ def run_actor_stage(
         batch_format="pyarrow",
     )
     scored.write_parquet(str(output))
-    return sum(pq_rows(file) for file in output.glob("*.parquet"))
-
-
-def pq_rows(path: Path) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(path).metadata.num_rows
+    files = list(output.glob("*.parquet"))
+    if not files:  # nothing to score (every row quarantined or duplicated): keep the columns
+        pq.write_table(schema.empty_table(), output / "empty.parquet")
+    return sum(pq.ParquetFile(file).metadata.num_rows for file in files)

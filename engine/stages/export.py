@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -33,7 +34,7 @@ def export_ids(records: Path, ids: list[str], target: Path) -> int:
     dataset = ds.dataset(str(records), format="parquet")
     table = dataset.to_table(
         columns=["id", "source_index", "row", "original"],
-        filter=pc.field("dup_of").is_null() & pc.field("id").isin(ids),
+        filter=pc.field("dup_of").is_null() & pc.field("id").isin(pa.array(ids, pa.string())),
     ).sort_by([("source_index", "ascending"), ("row", "ascending")])
     tmp = target.with_suffix(".jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as handle:

@@ -32,6 +32,10 @@ from engine.signals.registry import INDICATOR_COLUMNS
 SCHEMA_SNIFF_ROWS = 200
 
 
+class EmptyInputError(ValueError):
+    """The inputs hold no records at all: nothing to select from."""
+
+
 @dataclass
 class SourceReport:
     source: str
@@ -60,7 +64,7 @@ def _sniff_schema(records: list[RawRecord]) -> str | None:
             continue
         try:
             parsed = json.loads(record.raw)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(parsed, dict) and (schema := detect_schema(parsed)):
             votes[schema] += 1
@@ -164,7 +168,6 @@ def run_ingest(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Run the whole ingest stage; returns the facts the manifest needs."""
-    from pyspark import StorageLevel
     from pyspark.sql import Window
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
@@ -177,14 +180,18 @@ def run_ingest(
 
     input_rows = sum(report.rows for report in reports)
     if input_rows == 0:
-        raise ValueError("the inputs hold no records")
+        raise EmptyInputError("the inputs hold no records: " + ", ".join(s.name for s in sources))
     raw = spark.read.parquet(str(run.work("raw")))
-    parsed = raw.mapInArrow(_parse_partitions(schemas), from_arrow_schema(PARSED_SCHEMA))
-    parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
+    # Spark packs small shards into few partitions; spread them over every core.
+    partitions = max(2 * spark.sparkContext.defaultParallelism, raw.rdd.getNumPartitions())
+    raw = raw.repartition(partitions)
+    # Parse once into Parquet; every later step reads only the columns it needs from there.
+    parsed_dir = str(run.work("parsed"))
+    raw.mapInArrow(_parse_partitions(schemas), from_arrow_schema(PARSED_SCHEMA)).write.mode(
+        "overwrite"
+    ).parquet(parsed_dir)
+    parsed = spark.read.parquet(parsed_dir)
 
-    source_names = F.create_map(
-        *[item for i, s in enumerate(sources) for item in (F.lit(i), F.lit(s.name))]
-    )
     quarantine_reasons: Counter[str] = Counter()
     quarantine_by_source: Counter[str] = Counter()
     quarantined = (
@@ -201,24 +208,37 @@ def run_ingest(
             line["excerpt"] = item["excerpt"]
             handle.write(json.dumps(line, ensure_ascii=False) + "\n")
 
+    # Exact duplicates: rank on the small key columns only, then join the (few) later copies
+    # back, instead of shuffling whole conversations through a window.
+    ok = parsed.filter(F.col("status") == "ok")
     first = Window.partitionBy("id").orderBy("source_index", "row")
-    ranked = (
-        parsed.filter(F.col("status") == "ok")
+    copies = (
+        ok.select("id", "source_index", "row")
         .withColumn("_rank", F.row_number().over(first))
-        .withColumn("source", source_names[F.col("source_index")])
-        .withColumn("dup_of", F.when(F.col("_rank") > 1, F.col("id")))
-        .persist(StorageLevel.MEMORY_AND_DISK)
+        .filter(F.col("_rank") > 1)
+        .select("source_index", "row", F.col("id").alias("dup_of"))
     )
-    ranked.select(
-        "id", "source", "source_index", "row", "dup_of", "schema", "conversation", "original"
+    copies.write.mode("overwrite").parquet(str(run.work("copies")))
+    copies = spark.read.parquet(str(run.work("copies")))
+    duplicates = copies.count()
+    source_names = F.create_map(
+        *[item for i, s in enumerate(sources) for item in (F.lit(i), F.lit(s.name))]
+    )
+    ok.join(copies, on=["source_index", "row"], how="left").select(
+        "id",
+        source_names[F.col("source_index")].alias("source"),
+        "source_index",
+        "row",
+        "dup_of",
+        "schema",
+        "conversation",
+        "original",
     ).write.mode("overwrite").parquet(str(run.records))
-    ranked.filter(F.col("_rank") == 1).select("id", *INDICATOR_COLUMNS).write.mode(
-        "overwrite"
-    ).parquet(str(run.signal("indicators")))
-    ingested = ranked.count()
-    duplicates = ranked.filter(F.col("dup_of").isNotNull()).count()
-    ranked.unpersist()
-    parsed.unpersist()
+    ok.join(copies, on=["source_index", "row"], how="left_anti").select(
+        "id", *INDICATOR_COLUMNS
+    ).write.mode("overwrite").parquet(str(run.signal("indicators")))
+    ingested = ok.count()
+    RunDir.remove(run.work("raw"), run.work("parsed"), run.work("copies"))
 
     total_quarantined = sum(quarantine_reasons.values())
     if ingested + total_quarantined != input_rows:

@@ -7,6 +7,7 @@ from itertools import islice
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
@@ -23,7 +24,7 @@ def _conversations(run: RunDir, keys: pd.DataFrame) -> dict[tuple[str, int], lis
         return {}
     table = ds.dataset(str(run.records), format="parquet").to_table(
         columns=["source", "row", "conversation"],
-        filter=pc.field("id").isin(keys["id"].unique().tolist()),
+        filter=pc.field("id").isin(pa.array(keys["id"].unique().tolist(), pa.string())),
     )
     return {
         (source, row): conversation
@@ -36,11 +37,13 @@ def _conversations(run: RunDir, keys: pd.DataFrame) -> dict[tuple[str, int], lis
     }
 
 
-def gather_examples(run: RunDir, scores: pd.DataFrame, score_column: str | None) -> dict:
+def gather_examples(
+    run: RunDir, scores: pd.DataFrame, score_column: str | None, ascending: bool = False
+) -> dict:
     """The best kept rows and a couple of rows per rejection reason, with their text."""
     kept = scores[scores["selected"]]
     if score_column and score_column in kept:
-        kept = kept.sort_values(score_column, ascending=False)
+        kept = kept.sort_values(score_column, ascending=ascending)
     dropped = scores[~scores["selected"]].groupby("reason", sort=True).head(EXAMPLES_PER_REASON)
     picked = pd.concat([kept.head(EXAMPLES_KEPT), dropped])
     texts = _conversations(run, picked)
@@ -70,8 +73,10 @@ def gather_examples(run: RunDir, scores: pd.DataFrame, score_column: str | None)
 
 def run_report(run: RunDir, manifest: dict) -> None:
     scores = pd.read_parquet(run.scores)
-    score_column = (manifest.get("selection") or {}).get("score")
-    examples = gather_examples(run, scores, score_column)
+    selection = manifest.get("selection") or {}
+    examples = gather_examples(
+        run, scores, selection.get("score"), ascending=selection.get("order") == "asc"
+    )
     page = render_report(scores, manifest, examples)
     tmp = run.report.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")

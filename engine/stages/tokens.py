@@ -7,7 +7,7 @@ import pyarrow as pa
 from engine.config import JobSpec
 from engine.models import resolve_tokenizer
 from engine.runtime.rundir import RunDir
-from engine.signals.tokens import TokenCounter
+from engine.signals.tokens import TOKEN_SCHEMA, TokenCounter
 from engine.stages.actor_scoring import run_actor_stage
 
 
@@ -34,5 +34,6 @@ def run_tokens(job: JobSpec, run: RunDir) -> dict:
         {"tokenizer_path": tokenizer_path, "trust_remote_code": spec.trust_remote_code},
         spec,
         "tokens",
+        TOKEN_SCHEMA,
     )
     return {"rows_scored": rows, "model": spec.model, "tokenizer_path": tokenizer_path}
