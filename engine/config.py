@@ -105,11 +105,24 @@ DEFAULT_FILTERS = [
 PRESETS: dict[str, dict[str, Any]] = {
     "random": {"score": None},
     "longest": {"score": "assistant_chars", "order": "desc"},
+    # Cherry LLM and Superfiltering: drop IFD >= 1 (the prompt does not help), keep the highest.
+    "ifd": {
+        "score": "ifd",
+        "order": "desc",
+        "requires": "lm",
+        "reject_if": ("ifd >= 1", "ifd_not_below_1"),
+    },
+    "superfilter": {
+        "score": "ifd_ppl",
+        "order": "desc",
+        "requires": "lm",
+        "reject_if": ("ifd_ppl >= 1", "ifd_ppl_not_below_1"),
+    },
 }
 
 
 class SelectSpec(Strict):
-    preset: Literal["random", "longest"] = "longest"
+    preset: Literal["random", "longest", "ifd", "superfilter"] = "longest"
     score: str | None = Field(default=None, description="signal column to rank by (overrides)")
     order: Literal["desc", "asc"] = "desc"
     budget: int | float | None = Field(
@@ -135,6 +148,14 @@ class SelectSpec(Strict):
     def ranking_score(self) -> str | None:
         return self.score if self.score is not None else PRESETS[self.preset]["score"]
 
+    def rules(self) -> list[Rule]:
+        """The configured filters, then the preset's own rule (e.g. `ifd >= 1` for `ifd`)."""
+        rules = [f.rule() for f in self.filters]
+        preset_rule = PRESETS[self.preset].get("reject_if")
+        if preset_rule:
+            rules.append(Rule.parse(*preset_rule))
+        return rules
+
 
 class SparkSpec(Strict):
     master: str = "local[*]"
@@ -159,8 +180,28 @@ class ActorSpec(Strict):
     trust_remote_code: bool = False
 
 
+class LMStageSpec(ActorSpec):
+    """Perplexity / IFD scoring (see engine.signals.lm for exactly which tokens are scored)."""
+
+    backend: Literal["transformers", "vllm"] = "transformers"
+    revision: str | None = None
+    template: Literal["alpaca", "plain", "chat"] = "alpaca"
+    max_length: Annotated[int, Field(ge=16)] = 1024
+    max_turns: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="score only the first N assistant turns of each record"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    max_batch_tokens: Annotated[int, Field(ge=256)] = 8192
+    num_cpus: Annotated[float, Field(gt=0)] = 1.0
+    enforce_eager: bool = True
+    cache: bool = True
+    cache_dir: str | None = Field(default=None, description="default: $WINNOW_CACHE/scores")
+
+
 class StagesSpec(Strict):
     tokens: ActorSpec = Field(default_factory=ActorSpec)
+    lm: LMStageSpec = Field(default_factory=LMStageSpec)
 
 
 class JobSpec(Strict):
@@ -184,6 +225,9 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _columns_exist(self) -> JobSpec:
+        needed = PRESETS[self.select.preset].get("requires")
+        if needed and needed not in self.signals:
+            self.signals = [*self.signals, needed]  # a preset brings the signal it ranks by
         available = set(columns_for(self.signals))
         hint = "; enable the signal that produces it with --signals"
         for i, spec in enumerate(self.select.filters):

@@ -49,6 +49,58 @@ def _gguf_location(model: BuiltinModel) -> Path:
     return path
 
 
+def _convert_gguf(model: BuiltinModel, target: Path) -> None:
+    """Dequantise the GGUF into a plain safetensors folder (fp32) with its tokenizer.
+
+    transformers refuses to `save_pretrained` a GGUF-loaded model, so the weights are copied into
+    a fresh model built from the same config (logits are identical).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_location(model)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.torch_dtype = torch.float32
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    fresh.save_pretrained(str(staging), safe_serialization=True)
+    tokenizer.save_pretrained(str(staging))
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve_model(name: str, revision: str | None = None) -> str:
+    """A folder (or hub name) that transformers and vLLM both load the same way.
+
+    A hub name with a pinned revision is fetched once into the Hugging Face cache, so every
+    actor loads exactly that revision from disk.
+    """
+    model = BUILTIN_MODELS.get(name)
+    if model is None:
+        if name.startswith("builtin:"):
+            raise ValueError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
+        if revision is not None and not Path(name).exists():
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(repo_id=name, revision=revision)
+        return name
+    target = cache_root() / "models" / model.slug / "model"
+    if not (target / "config.json").is_file():
+        _convert_gguf(model, target)
+    return str(target)
+
+
 def resolve_tokenizer(name: str) -> str:
     """A path or hub name that `AutoTokenizer.from_pretrained` loads without a download."""
     model = BUILTIN_MODELS.get(name)

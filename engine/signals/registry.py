@@ -9,14 +9,18 @@ from __future__ import annotations
 import pyarrow as pa
 
 from engine.signals.indicators import INDICATOR_COLUMNS, INDICATOR_SCHEMA
+from engine.signals.lm import LM_SCHEMA
 from engine.signals.tokens import TOKEN_SCHEMA
 
 # Model-backed signals computed by Ray actor pools, by the name `--signals` uses.
 MODEL_SIGNAL_COLUMNS: dict[str, tuple[str, ...]] = {
     "tokens": tuple(TOKEN_SCHEMA.names[1:]),
+    "lm": tuple(LM_SCHEMA.names[1:]),
 }
 
-_TYPES: dict[str, pa.DataType] = {f.name: f.type for f in (*INDICATOR_SCHEMA, *TOKEN_SCHEMA)}
+_TYPES: dict[str, pa.DataType] = {
+    f.name: f.type for f in (*INDICATOR_SCHEMA, *TOKEN_SCHEMA, *LM_SCHEMA)
+}
 
 # Reasons Winnow itself gives; a filter may not reuse them, or the counts would mix.
 RESERVED_REASONS = ("exact_duplicate", "below_budget", "near_duplicate", "semantic_duplicate")

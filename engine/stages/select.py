@@ -41,7 +41,7 @@ def select_rows(frame: pd.DataFrame, job: JobSpec) -> tuple[pd.DataFrame, dict]:
     reasons = np.full(len(frame), None, dtype=object)
     reasons[frame["dup_of"].notna().to_numpy()] = "exact_duplicate"
     undecided = pd.isna(reasons)
-    rules = [f.rule() for f in spec.filters]
+    rules = spec.rules()
     filtered = first_matching_reason(frame.loc[undecided], rules)
     reasons[np.flatnonzero(undecided)] = filtered
     eligible = pd.isna(reasons)

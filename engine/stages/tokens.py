@@ -8,7 +8,7 @@ from engine.config import JobSpec
 from engine.models import resolve_tokenizer
 from engine.runtime.rundir import RunDir
 from engine.signals.tokens import TOKEN_SCHEMA, TokenCounter
-from engine.stages.actor_scoring import run_actor_stage
+from engine.stages.actor_scoring import ActorStage, run_actor_stage
 
 
 class TokenCountActor:
@@ -26,14 +26,15 @@ def run_tokens(job: JobSpec, run: RunDir) -> dict:
     spec = job.stages.tokens
     # Resolved on the driver so actors never race to convert the built-in model.
     tokenizer_path = resolve_tokenizer(spec.model)
-    output = RunDir.reset_dir(run.signal("tokens"))
-    rows = run_actor_stage(
-        run.records,
-        output,
-        TokenCountActor,
-        {"tokenizer_path": tokenizer_path, "trust_remote_code": spec.trust_remote_code},
-        spec,
-        "tokens",
-        TOKEN_SCHEMA,
+    stage = ActorStage(
+        name="tokens",
+        actor_cls=TokenCountActor,
+        constructor_kwargs={
+            "tokenizer_path": tokenizer_path,
+            "trust_remote_code": spec.trust_remote_code,
+        },
+        spec=spec,
+        schema=TOKEN_SCHEMA,
     )
-    return {"rows_scored": rows, "model": spec.model, "tokenizer_path": tokenizer_path}
+    info = run_actor_stage(stage, run)
+    return {**info, "model": spec.model, "tokenizer_path": tokenizer_path}

@@ -1,0 +1,1 @@
+"""Model runners behind one small interface (see base.py)."""
