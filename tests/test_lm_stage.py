@@ -97,14 +97,19 @@ def test_ifd_preset_rejects_ifd_at_least_one_and_ranks(tmp_path: Path, alpaca_ro
 
 
 def _kill_first_lm_actor(stop: threading.Event, killed: list[int]) -> None:
-    """Kill the first LM actor process once it has been busy for a moment (a real SIGKILL)."""
+    """SIGKILL the first LM actor process once it has been alive for a few seconds (scoring)."""
+    first_seen: dict[int, float] = {}
     while not stop.is_set():
         for proc in psutil.process_iter(["pid", "cmdline"]):
-            cmd = " ".join(proc.info["cmdline"] or [])
-            if "LMScoringActor" in cmd and proc.info["pid"] not in killed:
-                time.sleep(4.0)  # let it finish a batch or two first
-                os.kill(proc.info["pid"], signal.SIGKILL)
-                killed.append(proc.info["pid"])
+            if "LMScoringActor" not in " ".join(proc.info["cmdline"] or []):
+                continue
+            pid = proc.info["pid"]
+            if time.monotonic() - first_seen.setdefault(pid, time.monotonic()) > 4.0:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                killed.append(pid)
                 return
         time.sleep(0.2)
 

@@ -7,7 +7,7 @@ plans:
       full-vocabulary logits)                        `reference_token_nll`
   (b) TransformersScorer fp32 (length-bucketed batches, answer-only logits)
   (c) TransformersScorer bf16 (only where the CPU has native bf16, unless --bf16 on)
-  (d) VllmScorer bf16 (eager), when vLLM is importable
+  (d) VllmScorer (eager; bf16 where native, else fp32: --vllm-dtype), when vLLM is importable
 (a)-(c) run with torch threads = 1 and = 2. Throughput counts every token of every sequence
 processed (cond + direct). Records go to the scorers in batches of --batch-rows, as the pipeline's
 actors receive them, in a seeded random order (a representative sample when not all rows are
@@ -160,6 +160,12 @@ def main() -> None:
         default="auto",
         help="auto: only where the CPU computes bf16 natively (emulated bf16 is ~4x slower)",
     )
+    parser.add_argument(
+        "--vllm-dtype",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="auto: bfloat16 where the CPU has native bf16 (or on CUDA), else float32",
+    )
     parser.add_argument("--no-vllm", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -243,19 +249,23 @@ def main() -> None:
         try:
             from engine.backends.vllm_lm import VllmScorer
 
+            vllm_dtype = args.vllm_dtype
+            if vllm_dtype == "auto":
+                native = native_bf16 or torch.cuda.is_available()
+                vllm_dtype = "bfloat16" if native else "float32"
             started = time.perf_counter()
             vllm = VllmScorer(
                 path,
-                dtype="bfloat16",
+                dtype=vllm_dtype,
                 max_model_len=args.max_length + 16,
                 enforce_eager=True,
             )
         except ImportError as exc:
             print(f"vllm: not available ({exc})")
         else:
-            print(f"vllm engine started in {time.perf_counter() - started:.0f} s")
+            print(f"vllm engine ({vllm_dtype}) started in {time.perf_counter() - started:.0f} s")
             try:
-                result = Result("(d) vllm eager", "bfloat16", "vllm")
+                result = Result("(d) vllm eager", vllm_dtype, "vllm")
                 round_robin([Config(result, vllm.token_nll, None)], batches, args.budget_s)
                 results.append(result)
             finally:
