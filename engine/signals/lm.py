@@ -129,14 +129,15 @@ def plan_turns(
                 render_prompt(tokenizer, history, template), add_special_tokens=False
             )
             answer = tokenizer(message["content"], add_special_tokens=False)
-            p, a, truncated = fit(prompt["input_ids"], answer["input_ids"], max_length)
+            # A prompt that renders to no tokens still needs one context token to score from.
+            p, a, truncated = fit(prompt["input_ids"] or [start], answer["input_ids"], max_length)
             if a:
                 plans.append(
                     TurnPlan(
                         record=r,
                         turn=turn,
                         cond=ScoredSequence(p + a, len(p)),
-                        direct=ScoredSequence([start, *a][:max_length], 1),
+                        direct=ScoredSequence([start, *a], 1),
                         truncated=truncated,
                     )
                 )

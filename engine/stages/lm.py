@@ -42,7 +42,7 @@ def load_scorer(
         return VllmScorer(
             model_path,
             dtype=vllm_dtype(dtype),
-            max_model_len=max_length,
+            max_model_len=max_length + 1,  # vLLM keeps one position for the token it generates
             enforce_eager=enforce_eager,
             trust_remote_code=trust_remote_code,
         )
