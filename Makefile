@@ -42,6 +42,7 @@ test-fast: install
 
 bench: install
 	$(BIN)/python jobs/bench/ingest_throughput.py
+	$(BIN)/python jobs/bench/lm_throughput.py --rows 512 --max-length 512
 
 lint: install
 	$(BIN)/ruff check engine jobs tests
