@@ -34,6 +34,9 @@ _META_COLUMNS = frozenset(
 )
 # Signals worth plotting first, in this order; other numeric signals fill up to _MAX_PLOTS.
 _PREFERRED_SIGNALS = (
+    "ifd",
+    "ifd_ppl",
+    "ppl_cond",
     "assistant_chars",
     "user_chars",
     "turns",
@@ -42,7 +45,7 @@ _PREFERRED_SIGNALS = (
     "repeated_line_ratio",
     "non_printable_ratio",
 )
-_MAX_PLOTS = 8
+_MAX_PLOTS = 10
 _HIST_BINS = 40
 _LOG_X_RATIO = 20.0  # max/median above which a non-negative signal is drawn on a log x axis
 _TURN_CHARS = 600
