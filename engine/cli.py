@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -134,7 +133,3 @@ def validate(job_file: Annotated[Path, typer.Argument(help="job spec YAML")]) ->
         f"[green]ok:[/] {job_file}: inputs {inputs}; signals indicators"
         f"{''.join(',' + s for s in job.signals)}; preset {job.select.preset}"
     )
-
-
-def main() -> None:  # pragma: no cover
-    sys.exit(app())

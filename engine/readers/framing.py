@@ -238,10 +238,6 @@ def frame_json_array(
             expect_comma = True
 
 
-def _excerpt_at(buf: str, start: int) -> str:
-    return _printable_excerpt(buf[start:])
-
-
 def _json_default(value: Any) -> Any:
     """Arrow values JSON lacks: bytes must be UTF-8 text; dates, decimals become strings."""
     if isinstance(value, bytes | bytearray):
