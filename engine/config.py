@@ -16,12 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from engine.readers.sources import CONTAINERS
 from engine.records import SCHEMAS
 from engine.selection.filters import Rule, RuleError
+from engine.signals.judge_schema import BUILTIN_JUDGES
 from engine.signals.registry import (
-    MODEL_SIGNAL_COLUMNS,
     RESERVED_REASONS,
-    SIGNAL_NAMES,
+    STAGE_ORDER,
     column_kind,
-    columns_for,
+    column_types,
+    known_signal,
+    signal_for_column,
+    signal_names,
+    stage_of,
 )
 
 
@@ -118,17 +122,133 @@ PRESETS: dict[str, dict[str, Any]] = {
         "requires": "lm",
         "reject_if": ("ifd_ppl >= 1", "ifd_ppl_not_below_1"),
     },
+    # AlpaGasus: keep rows the judge rates >= 4.5 of 5, best first.
+    "alpagasus": {
+        "score": "judge_alpagasus",
+        "order": "desc",
+        "reject_if": ("judge_alpagasus < 4.5", "judge_alpagasus_below_4.5"),
+    },
+    # DEITA: best evol score first, skipping rows too close to one already kept.
+    "deita": {"score": "judge_deita_score", "order": "desc", "selector": "deita", "needs": "embed"},
+    # MoDS: k-center greedy over embeddings (a score, when set, only picks the first center).
+    "kcenter": {"score": None, "selector": "kcenter", "needs": "embed"},
+    # Superfiltering.D: facility location (coverage of the eligible rows), lazy greedy.
+    "facility_location": {"score": None, "selector": "facility_location", "needs": "embed"},
 }
+
+PresetName = Literal[
+    "random",
+    "longest",
+    "ifd",
+    "superfilter",
+    "alpagasus",
+    "deita",
+    "kcenter",
+    "facility_location",
+]
+
+
+class NearDupSpec(Strict):
+    """Fuzzy duplicates: MinHash LSH over word shingles on Spark, pairs verified by Jaccard."""
+
+    enabled: bool = True
+    text: Literal["conversation", "instruction", "response"] = "conversation"
+    shingle_words: Annotated[int, Field(ge=1, le=32)] = 5
+    num_perm: Annotated[int, Field(ge=16, le=1024)] = 128
+    bands: Annotated[int, Field(ge=1)] = 16
+    threshold: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.7, description="estimated Jaccard similarity a candidate pair must reach"
+    )
+
+    @model_validator(mode="after")
+    def _bands_divide(self) -> NearDupSpec:
+        if self.num_perm % self.bands:
+            raise ValueError(f"bands ({self.bands}) must divide num_perm ({self.num_perm})")
+        return self
+
+
+class SemanticDupSpec(Strict):
+    """Semantic duplicates: embedding cosine similarity (FAISS), groups of the threshold graph."""
+
+    enabled: bool = True
+    threshold: Annotated[float, Field(gt=0, le=1)] = 0.95
+    index: Literal["auto", "flat", "ivf"] = "auto"
+    flat_max_rows: Annotated[int, Field(ge=1)] = Field(
+        default=200_000, description="auto: exact search up to this many rows, IVF above"
+    )
+
+
+class DedupSpec(Strict):
+    near: NearDupSpec = Field(default_factory=NearDupSpec)
+    semantic: SemanticDupSpec = Field(default_factory=SemanticDupSpec)
+    keep_by: str | None = Field(
+        default=None,
+        description="column deciding which member of a duplicate group is kept "
+        "(default: the ranking score, else assistant_chars); ties by id",
+    )
+    keep_order: Literal["desc", "asc"] = "desc"
+
+
+class DiversitySpec(Strict):
+    threshold: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.9, description="deita: skip a row this similar (cosine) to one already kept"
+    )
+
+
+class QuotaSpec(Strict):
+    """Budgets per group: proportional to the group's eligible rows, capped, or a minimum share."""
+
+    by: Literal["source", "lang"]
+    mode: Literal["proportional", "capped", "min_share"] = "proportional"
+    cap: int | float | None = Field(
+        default=None, description="capped: rows per group (int) or a fraction of the budget"
+    )
+    min_share: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        default=None, description="min_share: each group gets at least this share of the budget"
+    )
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> QuotaSpec:
+        if self.mode == "capped":
+            if self.cap is None or isinstance(self.cap, bool):
+                raise ValueError("mode capped needs cap (rows, or a fraction of the budget)")
+            if isinstance(self.cap, int) and self.cap < 0:
+                raise ValueError("cap must be >= 0")
+            if isinstance(self.cap, float) and not 0 < self.cap <= 1:
+                raise ValueError("a fractional cap must be in (0, 1]")
+        if self.mode == "min_share" and self.min_share is None:
+            raise ValueError("mode min_share needs min_share")
+        return self
+
+
+class LanguagesSpec(Strict):
+    """Allow or deny languages (ISO 639-1 codes, "und" for undetermined) of the instruction side."""
+
+    allow: list[Annotated[str, Field(pattern=r"^[a-z]{2,3}$")]] = Field(default_factory=list)
+    deny: list[Annotated[str, Field(pattern=r"^[a-z]{2,3}$")]] = Field(default_factory=list)
+
+
+class NormalizeSpec(Strict):
+    """Scores made comparable across groups: adds `norm_<column>` for each column named here."""
+
+    within: Literal["lang", "source"] = "lang"
+    method: Literal["rank", "zscore"] = "rank"
+    columns: Annotated[list[str], Field(min_length=1)]
 
 
 class SelectSpec(Strict):
-    preset: Literal["random", "longest", "ifd", "superfilter"] = "longest"
+    preset: PresetName = "longest"
     score: str | None = Field(default=None, description="signal column to rank by (overrides)")
     order: Literal["desc", "asc"] = "desc"
     budget: int | float | None = Field(
         default=None, description="rows (int >= 1) or a fraction of eligible rows (0 < f <= 1)"
     )
     filters: list[FilterSpec] = Field(default_factory=lambda: list(DEFAULT_FILTERS))
+    dedup: DedupSpec = Field(default_factory=DedupSpec)
+    diversity: DiversitySpec = Field(default_factory=DiversitySpec)
+    quota: QuotaSpec | None = None
+    languages: LanguagesSpec | None = None
+    normalize: NormalizeSpec | None = None
 
     @field_validator("budget")
     @classmethod
@@ -147,6 +267,17 @@ class SelectSpec(Strict):
 
     def ranking_score(self) -> str | None:
         return self.score if self.score is not None else PRESETS[self.preset]["score"]
+
+    def selector(self) -> str:
+        """rank, random, deita, kcenter or facility_location."""
+        chosen = PRESETS[self.preset].get("selector")
+        if chosen:
+            return chosen
+        return "rank" if self.ranking_score() is not None else "random"
+
+    def keep_by(self) -> str:
+        """Which column decides the member kept of a duplicate group."""
+        return self.dedup.keep_by or self.ranking_score() or "assistant_chars"
 
     def rules(self) -> list[Rule]:
         """The configured filters, then the preset's own rule (e.g. `ifd >= 1` for `ifd`)."""
@@ -199,9 +330,109 @@ class LMStageSpec(ActorSpec):
     cache_dir: str | None = Field(default=None, description="default: $WINNOW_CACHE/scores")
 
 
+class EmbedStageSpec(ActorSpec):
+    """Sentence embeddings (sentence-transformers), L2-normalised float32, sidecar by id."""
+
+    model: str = "builtin:all-minilm-l6-v2"
+    revision: str | None = None
+    text: Literal["instruction", "conversation", "response"] = Field(
+        default="instruction",
+        description="instruction only (MoDS) or the whole conversation (Superfiltering.D)",
+    )
+    max_seq_length: Annotated[int, Field(ge=8)] | None = None
+    batch_size: Annotated[int, Field(ge=1)] = 128
+    cache: bool = True
+    cache_dir: str | None = Field(default=None, description="default: $WINNOW_CACHE/scores")
+
+
+class LangStageSpec(Strict):
+    """Language identification on Spark (lingua; its models ship in the wheel)."""
+
+    languages: list[Annotated[str, Field(pattern=r"^[a-z]{2}$")]] | None = Field(
+        default=None, description="restrict the detector to these ISO 639-1 codes (all if unset)"
+    )
+    min_chars: Annotated[int, Field(ge=1)] = Field(
+        default=12, description="letters below which a side is undetermined ('und')"
+    )
+    min_confidence: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.5, description="lang_mismatch only when both sides are at least this confident"
+    )
+
+
+class OpenAISpec(Strict):
+    """Any OpenAI-compatible endpoint (vllm serve, a commercial API)."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str | None = Field(default=None, description="served model name (default: the model)")
+    api_key_env: str | None = Field(
+        default="OPENAI_API_KEY", description="environment variable holding the key"
+    )
+    concurrency: Annotated[int, Field(ge=1)] = 8
+    timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    max_retries: Annotated[int, Field(ge=0)] = 6
+    logprobs: bool = Field(
+        default=True, description="ask for top log-probabilities (expected-value scoring)"
+    )
+
+
+class CustomJudgeSpec(Strict):
+    """A user-defined judge: the template gets the fenced {instruction} and {response}."""
+
+    template: str
+    scale: Annotated[list[int], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [1, 10], description="[lowest, highest] integer score"
+    )
+    aggregation: Literal["mean", "min", "max", "first", "last", "sum"] = "mean"
+
+    @field_validator("template")
+    @classmethod
+    def _placeholders(cls, value: str) -> str:
+        for name in ("{instruction}", "{response}"):
+            if name not in value:
+                raise ValueError(f"template must contain {name}")
+        return value
+
+    @field_validator("scale")
+    @classmethod
+    def _ordered(cls, value: list[int]) -> list[int]:
+        if not 0 <= value[0] < value[1] <= 100:
+            raise ValueError("scale is [lowest, highest] with 0 <= lowest < highest <= 100")
+        return value
+
+
+class JudgeStageSpec(ActorSpec):
+    """LLM-judge scoring; one stage runs every enabled `judge.<name>` with one model."""
+
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_length: Annotated[int, Field(ge=64)] = 2048
+    max_turns: Annotated[int, Field(ge=1)] | None = None
+    max_new_tokens: Annotated[int, Field(ge=1)] = 8
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    enforce_eager: bool = True
+    openai: OpenAISpec = Field(default_factory=OpenAISpec)
+    custom: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], CustomJudgeSpec] = Field(
+        default_factory=dict
+    )
+    cache: bool = True
+    cache_dir: str | None = Field(default=None, description="default: $WINNOW_CACHE/scores")
+
+    @field_validator("custom")
+    @classmethod
+    def _not_builtin(cls, value: dict[str, CustomJudgeSpec]) -> dict[str, CustomJudgeSpec]:
+        for name in value:
+            if name in BUILTIN_JUDGES or name == "deita_score":
+                raise ValueError(f"custom judge {name!r} would shadow a built-in judge")
+        return value
+
+
 class StagesSpec(Strict):
     tokens: ActorSpec = Field(default_factory=ActorSpec)
     lm: LMStageSpec = Field(default_factory=LMStageSpec)
+    embed: EmbedStageSpec = Field(default_factory=EmbedStageSpec)
+    lang: LangStageSpec = Field(default_factory=LangStageSpec)
+    judge: JudgeStageSpec = Field(default_factory=JudgeStageSpec)
 
 
 class JobSpec(Strict):
@@ -215,40 +446,75 @@ class JobSpec(Strict):
     ray: RaySpec = Field(default_factory=RaySpec)
     stages: StagesSpec = Field(default_factory=StagesSpec)
 
-    @field_validator("signals")
-    @classmethod
-    def _known_signals(cls, value: list[str]) -> list[str]:
-        for name in value:
-            if name not in SIGNAL_NAMES:
-                raise ValueError(f"unknown signal {name!r}; known: {', '.join(SIGNAL_NAMES)}")
-        return [name for name in dict.fromkeys(value) if name != "indicators"]
-
     @model_validator(mode="after")
     def _columns_exist(self) -> JobSpec:
-        needed = PRESETS[self.select.preset].get("requires")
-        if needed and needed not in self.signals:
-            self.signals = [*self.signals, needed]  # a preset brings the signal it ranks by
-        available = set(columns_for(self.signals))
+        custom = tuple(self.stages.judge.custom)
+        for name in self.signals:
+            if not known_signal(name, custom):
+                known = ", ".join(signal_names(custom))
+                raise ValueError(f"signals: unknown signal {name!r}; known: {known}")
+        signals = [name for name in dict.fromkeys(self.signals) if name != "indicators"]
+        # What the selection needs is switched on, so `--select deita` alone is a complete job.
+        spec = self.select
+        wanted: list[str] = []
+        for column in (spec.ranking_score(), spec.dedup.keep_by):
+            if column is not None and not column.startswith("norm_"):
+                wanted.extend(signal_for_column(column, custom) or [])
+        if PRESETS[spec.preset].get("requires"):
+            wanted.append(PRESETS[spec.preset]["requires"])
+        if PRESETS[spec.preset].get("needs") or spec.dedup.semantic.enabled:
+            wanted.append("embed")
+        if spec.dedup.near.enabled:
+            wanted.append("minhash")
+        uses_lang = spec.languages is not None or (spec.quota and spec.quota.by == "lang")
+        if uses_lang or (spec.normalize and spec.normalize.within == "lang"):
+            wanted.append("lang")
+        signals.extend(w for w in wanted if w not in signals)
+        if signals != self.signals:
+            self.signals = signals
+        types = column_types(self.signals)
+        if spec.normalize is not None:
+            for i, column in enumerate(spec.normalize.columns):
+                if column not in types or column_kind(types[column]) != "number":
+                    raise ValueError(
+                        f"select.normalize.columns[{i}]: {column!r} is not a numeric signal column"
+                    )
+                types[f"norm_{column}"] = types[column]
         hint = "; enable the signal that produces it with --signals"
-        for i, spec in enumerate(self.select.filters):
-            rule = spec.rule()
+        for i, filt in enumerate(spec.filters):
+            rule = filt.rule()
             where = f"select.filters[{i}].reject_if"
-            if rule.column not in available:
+            if rule.column not in types:
                 raise ValueError(f"{where}: unknown signal column {rule.column!r}{hint}")
-            kind = column_kind(rule.column)
+            kind = column_kind(types[rule.column])
+            if kind not in ("bool", "number"):
+                raise ValueError(f"{where}: {rule.column} is not a number or true/false")
             is_bool = isinstance(rule.value, bool)
             if (kind == "bool") != is_bool or isinstance(rule.value, str):
                 expected = "true or false" if kind == "bool" else "a number"
                 raise ValueError(f"{where}: {rule.column} is compared with {expected}")
             if kind == "bool" and rule.op not in ("==", "!="):
                 raise ValueError(f"{where}: {rule.column} is true/false; use == or !=")
-        score = self.select.ranking_score()
-        if score is not None and score not in available:
-            raise ValueError(f"select.score: unknown signal column {score!r}{hint}")
+        for where, column in (
+            ("select.score", spec.ranking_score()),
+            ("select.dedup.keep_by", spec.keep_by()),
+        ):
+            if column is None:
+                continue
+            if column not in types:
+                raise ValueError(f"{where}: unknown signal column {column!r}{hint}")
+            if column_kind(types[column]) not in ("number", "bool"):
+                raise ValueError(f"{where}: {column} is not a numeric column")
         return self
 
+    def signal_stages(self) -> list[str]:
+        """The stages the enabled signals need, in the order they run."""
+        stages = {stage_of(name) for name in self.signals}
+        return [name for name in STAGE_ORDER if name in stages]
+
     def model_signals(self) -> list[str]:
-        return [name for name in self.signals if name in MODEL_SIGNAL_COLUMNS]
+        """Kept for callers that predate Spark signal stages: every signal stage, in order."""
+        return self.signal_stages()
 
 
 class ConfigError(ValueError):

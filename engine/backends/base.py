@@ -1,4 +1,5 @@
-"""The interface every LM backend implements: per-token NLL of scored positions.
+"""The interfaces backends implement: per-token NLL of scored positions (LM scoring), and judge
+replies with score-token log-probabilities (LLM judges).
 
 Backends never tokenize or template: `engine.signals.lm` builds the token-id sequences, so every
 backend scores exactly the same tokens and their numbers can be compared one to one.
@@ -7,6 +8,7 @@ backend scores exactly the same tokens and their numbers can be compared one to 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -21,5 +23,31 @@ class TokenScorer(Protocol):
     name: str
 
     def token_nll(self, sequences: Sequence[ScoredSequence]) -> list[np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class JudgeReply:
+    """What a judge backend returns for one prompt.
+
+    `text` is the generated reply (possibly empty). `score_logprobs` maps each scale token the
+    backend could see (e.g. "1".."6") to its log-probability at the first generated position, or
+    is None when the backend gives no log-probabilities (then the text is parsed).
+    """
+
+    text: str
+    score_logprobs: dict[str, float] | None = None
+
+
+class JudgeBackend(Protocol):
+    """Holds one judge model (or a client of a served one); prompts are finished chat strings or
+    message lists built by engine.signals.judge, never corpus text alone."""
+
+    name: str
+
+    def judge(
+        self, prompts: Sequence[list[dict[str, str]]], score_tokens: Sequence[str]
+    ) -> list[JudgeReply]: ...
 
     def close(self) -> None: ...
