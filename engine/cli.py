@@ -72,9 +72,26 @@ def select(
         str | None, typer.Option("--budget", help="rows (500) or fraction (0.1)")
     ] = None,
     signals: Annotated[
-        str | None, typer.Option("--signals", help="extra signals, comma-separated: tokens")
+        str | None,
+        typer.Option(
+            "--signals",
+            help="extra signals, comma-separated: tokens, lm, embed, lang, judge.alpagasus, "
+            "judge.deita_quality, judge.deita_complexity, judge.<custom>",
+        ),
     ] = None,
-    preset: Annotated[str | None, typer.Option("--select", help="preset: random|longest")] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            "--select",
+            help="preset: random|longest|ifd|superfilter|alpagasus|deita|kcenter|facility_location",
+        ),
+    ] = None,
+    dedup: Annotated[
+        str | None,
+        typer.Option(
+            "--dedup", help="duplicate removal beyond exact: near,semantic (default) or none"
+        ),
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="job spec YAML")] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     force: Annotated[bool, typer.Option("--force", help="redo completed stages")] = False,
@@ -90,6 +107,17 @@ def select(
             select_spec["budget"] = parse_budget(budget)
         if preset is not None:
             select_spec["preset"] = preset
+        if dedup is not None:
+            chosen = {d.strip() for d in dedup.split(",") if d.strip()} - {"none"}
+            unknown = chosen - {"near", "semantic"}
+            if unknown:
+                raise ConfigError(
+                    f"--dedup: unknown kind {sorted(unknown)}; use near, semantic, none"
+                )
+            dedup_spec = dict(select_spec.get("dedup") or {})
+            for kind in ("near", "semantic"):
+                dedup_spec[kind] = {**(dedup_spec.get(kind) or {}), "enabled": kind in chosen}
+            select_spec["dedup"] = dedup_spec
         data["select"] = select_spec
         if signals is not None:
             data["signals"] = [s.strip() for s in signals.split(",") if s.strip()]

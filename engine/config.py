@@ -512,10 +512,6 @@ class JobSpec(Strict):
         stages = {stage_of(name) for name in self.signals}
         return [name for name in STAGE_ORDER if name in stages]
 
-    def model_signals(self) -> list[str]:
-        """Kept for callers that predate Spark signal stages: every signal stage, in order."""
-        return self.signal_stages()
-
 
 class ConfigError(ValueError):
     """A job spec that fails validation; the message names each bad field by its path."""

@@ -24,9 +24,20 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine.config import JobSpec
 from engine.runtime.rundir import RunDir, fingerprint, write_json_atomic
+from engine.signals.registry import RAY_STAGES, SPARK_STAGES
 
 # Bump when a stage's output format or semantics change, so old markers stop matching.
-STAGE_VERSIONS = {"ingest": 2, "tokens": 2, "lm": 1, "select": 1, "export": 1}
+STAGE_VERSIONS = {
+    "ingest": 2,
+    "lang": 1,
+    "minhash": 1,
+    "tokens": 2,
+    "embed": 1,
+    "lm": 1,
+    "judge": 1,
+    "select": 2,
+    "export": 1,
+}
 
 # Settings that change how fast a stage runs, never what it computes.
 RESOURCE_FIELDS = {
@@ -38,7 +49,31 @@ RESOURCE_FIELDS = {
     "enforce_eager",
     "cache",
     "cache_dir",
+    # an OpenAI-compatible endpoint: where and how hard it is asked, not what it answers
+    "base_url",
+    "api_key_env",
+    "timeout_s",
+    "max_retries",
 }
+
+
+def _without_resources(settings: Any) -> Any:
+    if isinstance(settings, dict):
+        return {k: _without_resources(v) for k, v in settings.items() if k not in RESOURCE_FIELDS}
+    return settings
+
+
+def stage_settings(job: JobSpec, name: str) -> Any:
+    """The part of the config a signal stage's output depends on."""
+    if name == "minhash":
+        return job.select.dedup.near.model_dump(mode="json")
+    settings = _without_resources(getattr(job.stages, name).model_dump(mode="json"))
+    if name == "judge":
+        from engine.signals.registry import judge_names
+
+        settings["judges"] = judge_names(job.signals)
+    return settings
+
 
 PACKAGES = (
     "winnow",
@@ -103,9 +138,8 @@ def stage_fingerprints(job: JobSpec) -> dict[str, str]:
         )
     }
     upstream = [fps["ingest"]]
-    for name in job.model_signals():
-        spec = getattr(job.stages, name)
-        settings = spec.model_dump(mode="json", exclude=RESOURCE_FIELDS)
+    for name in job.signal_stages():
+        settings = stage_settings(job, name)
         fps[name] = fingerprint(name, STAGE_VERSIONS[name], fps["ingest"], settings)
         upstream.append(fps[name])
     fps["select"] = fingerprint(
@@ -215,8 +249,8 @@ class JobRunner:
                 f"rows (fraction {sampling['fraction']}, max_rows {sampling['max_rows']}); "
                 "run without sampling for the full corpus"
             )
-        for name in self.job.model_signals():
-            self.stage_info[name] = stage(name, lambda name=name: self._model_stage(name))
+        for name in self.job.signal_stages():
+            self.stage_info[name] = stage(name, lambda name=name: self._signal_stage(name))
         selection = stage("select", lambda: run_select(self.job, self.run))
         exported = stage("export", lambda: run_export(self.run))
 
@@ -245,7 +279,7 @@ class JobRunner:
             "sources": ingest_info["sources"],
             "quarantine_by_source": ingest_info["quarantine_by_source"],
             "sampling": sampling,
-            "signals": {name: self.stage_info.get(name) for name in self.job.model_signals()},
+            "signals": {name: self.stage_info.get(name) for name in self.job.signal_stages()},
             "selection": selection,
             "export": exported,
             "outputs": {
@@ -281,22 +315,22 @@ class JobRunner:
         from engine.stages.actor_scoring import check_placement
 
         cpus = self.job.ray.num_cpus or os.cpu_count() or 1
-        for name in self.job.model_signals():
-            check_placement(getattr(self.job.stages, name), name, cpus)
+        for name in self.job.signal_stages():
+            if name in RAY_STAGES:
+                check_placement(getattr(self.job.stages, name), name, cpus)
 
-    def _model_stage(self, name: str) -> dict:
+    def _signal_stage(self, name: str) -> dict:
+        """Spark stages get the session; Ray stages get a (local or given) Ray cluster."""
+        import importlib
+
+        module = importlib.import_module(f"engine.stages.{name}")
+        run_stage = getattr(module, f"run_{name}")
+        if name in SPARK_STAGES:
+            return run_stage(self.job, self.run, self.spark)
         from engine.runtime.ray_cluster import ensure_ray
 
         ensure_ray(self.job.ray)
-        if name == "tokens":
-            from engine.stages.tokens import run_tokens
-
-            return run_tokens(self.job, self.run)
-        if name == "lm":
-            from engine.stages.lm import run_lm
-
-            return run_lm(self.job, self.run)
-        raise ValueError(f"no stage for signal {name!r}")
+        return run_stage(self.job, self.run)
 
 
 def python_command() -> str:

@@ -54,8 +54,8 @@ def test_defaults() -> None:
             "select.filters.0.reject_if",
         ),
         (
-            {"inputs": [{"path": "a"}], "select": {"score": "tokens_chat"}},
-            "select.score: unknown signal column 'tokens_chat'",
+            {"inputs": [{"path": "a"}], "select": {"score": "tokens_chats"}},
+            "select.score: unknown signal column 'tokens_chats'",
         ),
         (
             {
@@ -105,7 +105,84 @@ def test_model_signal_columns_become_available_when_enabled() -> None:
             "select": {"score": "tokens_assistant"},
         }
     )
-    assert job.signals == ["tokens"]
+    # Duplicate removal is on by default and brings the signals it needs.
+    assert job.signals == ["tokens", "embed", "minhash"]
+    assert job.signal_stages() == ["minhash", "tokens", "embed"]
+
+
+def test_presets_and_scores_switch_on_what_they_need() -> None:
+    off = {"near": {"enabled": False}, "semantic": {"enabled": False}}
+    job = parse_job({"inputs": [{"path": "a"}], "select": {"preset": "ifd", "dedup": off}})
+    assert job.signals == ["lm"]
+    job = parse_job({"inputs": [{"path": "a"}], "select": {"preset": "alpagasus", "dedup": off}})
+    assert job.signals == ["judge.alpagasus"]
+    assert job.signal_stages() == ["judge"]
+    job = parse_job({"inputs": [{"path": "a"}], "select": {"preset": "deita", "dedup": off}})
+    assert job.signals == ["judge.deita_quality", "judge.deita_complexity", "embed"]
+    assert job.select.selector() == "deita"
+    # A score the user names brings its signal; kcenter needs only embeddings.
+    job = parse_job(
+        {"inputs": [{"path": "a"}], "select": {"preset": "deita", "score": "ifd", "dedup": off}}
+    )
+    assert job.signals == ["lm", "embed"]
+    job = parse_job({"inputs": [{"path": "a"}], "select": {"preset": "kcenter", "dedup": off}})
+    assert job.signals == ["embed"] and job.select.ranking_score() is None
+    quota = {"by": "lang", "mode": "min_share", "min_share": 0.1}
+    job = parse_job({"inputs": [{"path": "a"}], "select": {"quota": quota, "dedup": off}})
+    assert job.signals == ["lang"]
+
+
+@pytest.mark.parametrize(
+    ("select", "message"),
+    [
+        ({"quota": {"by": "lang", "mode": "capped"}}, "select.quota: mode capped needs cap"),
+        ({"quota": {"by": "lang", "mode": "min_share"}}, "needs min_share"),
+        ({"quota": {"by": "shard"}}, "select.quota.by"),
+        ({"dedup": {"near": {"num_perm": 100, "bands": 16}}}, "bands (16) must divide"),
+        ({"dedup": {"semantic": {"threshold": 1.5}}}, "select.dedup.semantic.threshold"),
+        ({"dedup": {"keep_by": "nothing"}}, "select.dedup.keep_by: unknown signal column"),
+        ({"normalize": {"columns": ["lang"]}}, "select.normalize.columns[0]"),
+        ({"normalize": {"columns": ["ifd"]}}, "select.normalize.columns[0]"),
+        ({"languages": {"allow": ["English"]}}, "select.languages.allow.0"),
+        ({"filters": [{"reject_if": "lang > 3", "reason": "x"}]}, "lang is not a number"),
+    ],
+)
+def test_selection_settings_are_checked(select: dict, message: str) -> None:
+    data = {"inputs": [{"path": "a"}], "signals": ["lang"], "select": select}
+    with pytest.raises(ConfigError) as info:
+        parse_job(data)
+    assert message in str(info.value)
+
+
+def test_judge_signals_and_custom_judges() -> None:
+    custom = {"helpful": {"template": "Rate {instruction} / {response}", "scale": [1, 10]}}
+    job = parse_job(
+        {
+            "inputs": [{"path": "a"}],
+            "signals": ["judge.helpful", "judge.alpagasus"],
+            "stages": {"judge": {"custom": custom}},
+            "select": {"score": "judge_helpful", "dedup": {"semantic": {"enabled": False}}},
+        }
+    )
+    assert job.signal_stages() == ["minhash", "judge"]
+    with pytest.raises(ConfigError, match=r"unknown signal 'judge\.nope'"):
+        parse_job({"inputs": [{"path": "a"}], "signals": ["judge.nope"]})
+    with pytest.raises(ConfigError, match=r"must contain \{response\}"):
+        parse_job(
+            {
+                "inputs": [{"path": "a"}],
+                "stages": {"judge": {"custom": {"x": {"template": "{instruction}"}}}},
+            }
+        )
+    with pytest.raises(ConfigError, match="shadow a built-in judge"):
+        parse_job(
+            {
+                "inputs": [{"path": "a"}],
+                "stages": {
+                    "judge": {"custom": {"alpagasus": {"template": "{instruction}{response}"}}}
+                },
+            }
+        )
 
 
 def test_validate_command(tmp_path: Path) -> None:
@@ -130,6 +207,8 @@ def test_select_flags_are_validated_before_work(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2 and "unknown signal 'nope'" in result.output
     assert not (tmp_path / "o").exists()
+    result = runner.invoke(app, ["select", "missing.json", "--dedup", "near,fuzzy"])
+    assert result.exit_code == 2 and "--dedup: unknown kind ['fuzzy']" in result.output
 
 
 def test_budget_flag_parsing() -> None:

@@ -22,6 +22,7 @@ from engine.records import to_canonical
 from engine.signals.lm import plan_turns, record_signals
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("spark", "ray_local")]
+NO_DEDUP = {"near": {"enabled": False}, "semantic": {"enabled": False}}
 
 LM_COLUMNS = ("ifd", "ifd_ppl", "loss_cond", "loss_direct", "ppl_cond", "ppl_direct")
 
@@ -36,7 +37,7 @@ def _job(path: Path, cache: Path, **select) -> object:
         {
             "inputs": [{"path": str(path)}],
             "signals": ["lm"],
-            "select": {"budget": 10, **select},
+            "select": {"budget": 10, "dedup": NO_DEDUP, **select},
             "stages": {
                 "lm": {"max_length": 64, "batch_size": 8, "cache_dir": str(cache), "num_cpus": 1}
             },
@@ -120,6 +121,7 @@ def test_killed_actor_loses_and_duplicates_nothing(tmp_path: Path, alpaca_rows: 
         {
             "inputs": [{"path": str(path)}],
             "signals": ["lm"],
+            "select": {"dedup": NO_DEDUP},
             "stages": {"lm": {"max_length": 64, "batch_size": 4, "cache": False}},
         }
     )
@@ -146,6 +148,7 @@ def test_vllm_backend_through_the_ray_stage(tmp_path: Path, alpaca_rows: list) -
             {
                 "inputs": [{"path": str(path)}],
                 "signals": ["lm"],
+                "select": {"dedup": NO_DEDUP},
                 "stages": {
                     "lm": {
                         "backend": backend,

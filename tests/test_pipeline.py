@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("spark", "ray_local")]
 
 OUTPUTS = ("selected.jsonl", "scores.parquet", "quarantine.jsonl", "manifest.json", "report.html")
 runner = CliRunner()
+NO_DEDUP = {"near": {"enabled": False}, "semantic": {"enabled": False}}
 
 # Planted bad lines: line number -> (bytes, expected quarantine reason or None for blank).
 REFUSAL = "As an AI language model, I cannot help with that request."
@@ -78,6 +79,8 @@ def planted_run(tmp_path_factory: pytest.TempPathFactory, planted: tuple[Path, d
             "200",
             "--signals",
             "tokens",
+            "--dedup",
+            "none",
             "--config",
             str(config),
         ],
@@ -184,6 +187,8 @@ def test_rerun_resumes_and_changed_budget_redoes_selection(
         str(planted_run),
         "--signals",
         "tokens",
+        "--dedup",
+        "none",
         "--config",
         str(planted_run.parent / "job.yaml"),
     ]
@@ -248,7 +253,7 @@ def test_multi_source_formats_and_cross_source_duplicates(
     job = parse_job(
         {
             "inputs": [{"path": str(p)} for p in (alpaca, dolly_path, messages, sharegpt)],
-            "select": {"preset": "random", "budget": 0.5},
+            "select": {"preset": "random", "budget": 0.5, "dedup": NO_DEDUP},
         }
     )
     manifest = JobRunner(job, tmp_path / "out").execute()
@@ -292,7 +297,9 @@ def test_truncated_json_input_quarantines_the_cut_record(tmp_path: Path, alpaca_
     text = json.dumps(alpaca_rows[:120])
     path = tmp_path / "cut.json"
     path.write_text(text[: len(text) - 40], encoding="utf-8")
-    result = runner.invoke(app, ["select", str(path), "--out", str(tmp_path / "out")])
+    result = runner.invoke(
+        app, ["select", str(path), "--out", str(tmp_path / "out"), "--dedup", "none"]
+    )
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["counts"]["input"] == 120
@@ -341,7 +348,7 @@ def test_all_rows_quarantined_still_reconciles(tmp_path: Path) -> None:
 def test_edited_input_or_missing_output_reruns_stages(tmp_path: Path, alpaca_rows: list) -> None:
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in alpaca_rows[:100]), encoding="utf-8")
-    args = ["select", str(path), "--out", str(tmp_path / "o"), "--budget", "10"]
+    args = ["select", str(path), "--out", str(tmp_path / "o"), "--budget", "10", "--dedup", "none"]
     assert runner.invoke(app, args).exit_code == 0
     (tmp_path / "o" / "scores.parquet").unlink()
     assert runner.invoke(app, args).exit_code == 0
