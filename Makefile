@@ -43,6 +43,11 @@ test-fast: install
 bench: install
 	$(BIN)/python jobs/bench/ingest_throughput.py
 	$(BIN)/python jobs/bench/lm_throughput.py --rows 512 --max-length 512
+	$(BIN)/python jobs/bench/embed_throughput.py
+	$(BIN)/python jobs/bench/minhash_throughput.py
+	$(BIN)/python jobs/bench/diversity_scale.py
+	$(BIN)/python jobs/bench/lang_throughput.py
+	$(BIN)/python jobs/bench/judge_throughput.py
 
 lint: install
 	$(BIN)/ruff check engine jobs tests
