@@ -198,6 +198,7 @@ def select_rows(
     reasons[pd.notna(dup_of)] = "exact_duplicate"
     unique = pd.isna(reasons)
     steps: dict[str, Any] = {}
+    removed: dict[str, int] = {}
 
     if spec.languages is not None:
         langs = _group_labels(frame, "lang")
@@ -232,7 +233,7 @@ def select_rows(
         hit = keeper >= 0
         reasons[hit] = reason
         dup_of[hit] = ids[keeper[hit]]
-        steps[reason] = int(hit.sum())
+        removed[reason] = int(hit.sum())
 
     eligible = pd.isna(reasons)
     k = resolve_budget(spec.budget, int(eligible.sum()))
@@ -281,7 +282,7 @@ def select_rows(
         "eligible": int(eligible.sum()),
         "default_score_of_preset": PRESETS[spec.preset]["score"],
         "filters": [f.model_dump() for f in spec.filters],
-        "dedup": {**dedup.model_dump(), "keep_by_column": spec.keep_by(), "removed": steps},
+        "dedup": {**dedup.model_dump(), "keep_by_column": spec.keep_by(), "removed": removed},
         **{key: value for key, value in steps.items() if key in ("normalize", "quota")},
     }
     return out, summary
