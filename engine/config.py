@@ -357,6 +357,10 @@ class LangStageSpec(Strict):
     min_confidence: Annotated[float, Field(ge=0, le=1)] = Field(
         default=0.5, description="lang_mismatch only when both sides are at least this confident"
     )
+    accuracy: Literal["auto", "high", "low"] = Field(
+        default="auto",
+        description="lingua's mode; auto: low-accuracy (fast) mode for texts of 120+ characters",
+    )
 
 
 class OpenAISpec(Strict):

@@ -295,3 +295,54 @@ def test_no_figures_leak(scores: pd.DataFrame) -> None:
     before = len(plt.get_fignums())
     render_report(scores, _manifest(scores), _examples())
     assert len(plt.get_fignums()) == before
+
+
+def _multilingual_scores(n: int = 400, seed: int = 1) -> pd.DataFrame:
+    """The realistic frame plus lang columns: 20 languages (one hostile label), some und."""
+    frame = _scores(n, seed)
+    rng = np.random.default_rng(seed)
+    codes = ["en", "zh", "ko", "es", "fr", "de", "pt", "ja", "ru", "und", EVIL]
+    codes += [f"l{i}" for i in range(9)]
+    weights = np.linspace(20, 1, len(codes))
+    lang = rng.choice(np.array(codes, object), n, p=weights / weights.sum())
+    mismatch = pd.Series(rng.random(n) < 0.1, dtype=object)
+    mismatch[lang == "und"] = None
+    return frame.assign(
+        lang=lang,
+        lang_confidence=np.where(lang == "und", np.nan, rng.random(n)),
+        lang_mismatch=mismatch,
+    )
+
+
+def test_per_language_table_and_plot() -> None:
+    scores = _multilingual_scores()
+    page = render_report(scores, _manifest(scores), {})
+    assert EVIL not in page
+    rows = _table_rows(page, "languages-table")
+    header, body = rows[0], rows[1:]
+    assert header == [
+        "language",
+        "rows in",
+        "kept",
+        "kept %",
+        "top rejection reasons",
+        "mismatches",
+    ]
+    sizes = scores["lang"].value_counts()
+    assert [r[0] for r in body] == sorted(sizes.index, key=lambda c: (-sizes[c], c))
+    for row in body:
+        group = scores[scores["lang"] == row[0]]
+        kept = int(group["selected"].sum())
+        assert row[1:4] == [f"{len(group):,}", f"{kept:,}", f"{100 * kept / len(group):.1f}%"]
+        reasons = group.loc[~group["selected"], "reason"].value_counts()
+        if len(reasons):
+            top_reason, top_count = row[4].split(", ")[0].rsplit(" ", 1)
+            assert int(top_count) == reasons.max() and reasons[top_reason] == reasons.max()
+        assert row[5] == str(int((group["lang_mismatch"] == True).sum()))  # noqa: E712
+    section = page[page.index('id="languages"') :]
+    assert re.search(r'<figure id="languages-plot"><img [^>]*src="data:image/png;base64,', section)
+    assert page.index('id="sources"') < page.index('id="languages"')
+
+
+def test_no_language_section_without_lang(page: str) -> None:
+    assert 'id="languages"' not in page

@@ -53,6 +53,8 @@ _MAX_TURNS = 8
 _MAX_SOURCES = 50
 _MAX_WARNINGS_PER_SOURCE = 20
 _TOP_REASONS_PER_SOURCE = 4
+_MAX_LANGUAGES = 60
+_PLOT_LANGUAGES = 15
 _SELECTED_COLOR = "#2a9d8f"
 _REJECTED_COLOR = "#e76f51"
 
@@ -684,6 +686,86 @@ def _section_sources(
     return f'<section id="sources"><h2>Sources</h2>{table}{more}</section>'
 
 
+def _plot_languages(names: Sequence[str], kept: Sequence[int], rejected: Sequence[int]) -> str:
+    """Stacked kept/rejected bars per language as an HTML <figure>."""
+    fig, ax = plt.subplots(figsize=(max(4.4, 0.45 * len(names) + 1.5), 3.0))
+    try:
+        x = np.arange(len(names))
+        ax.bar(x, kept, color=_SELECTED_COLOR, label="kept")
+        ax.bar(x, rejected, bottom=kept, color=_REJECTED_COLOR, label="rejected")
+        ax.set_xticks(x)
+        # Escape '$' so a language label can never trigger mathtext parsing.
+        ax.set_xticklabels([n.replace("$", r"\$") for n in names], fontsize=8, rotation=45)
+        ax.set_ylabel("rows", fontsize=8)
+        ax.set_title(f"rows per language (top {len(names)})", fontsize=10)
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7, frameon=False)
+        fig.tight_layout()
+        uri = _png_data_uri(fig)
+    finally:
+        plt.close(fig)
+    return (
+        f'<figure id="languages-plot"><img alt="kept and rejected rows per language" src="{uri}">'
+        "<figcaption>kept (bottom) and rejected (top) rows of the largest languages"
+        "</figcaption></figure>"
+    )
+
+
+def _section_languages(scores: pd.DataFrame, selected: np.ndarray) -> str:
+    """Per-language accounting (instruction-side `lang`): rows in, kept, why the rest went."""
+    if "lang" not in scores.columns or not len(scores):
+        return ""
+    lang = _string_column(scores, "lang", "(none)").to_numpy()
+    reason = _string_column(scores, "reason", "(unspecified)").to_numpy()
+    frame = pd.DataFrame(
+        {"lang": lang, "selected": selected, "mismatch": _bool_mask(scores, "lang_mismatch")}
+    )
+    per = frame.groupby("lang", sort=False).agg(
+        rows=("selected", "size"), kept=("selected", "sum"), mismatches=("mismatch", "sum")
+    )
+    per = per.assign(name=per.index).sort_values(["rows", "name"], ascending=[False, True])
+    rejected = pd.DataFrame({"lang": lang[~selected], "reason": reason[~selected]})
+    reasons = rejected.groupby(["lang", "reason"]).size() if len(rejected) else pd.Series()
+    has_mismatch = "lang_mismatch" in scores.columns
+    rows = []
+    for name, item in per.head(_MAX_LANGUAGES).iterrows():
+        n, kept = int(item["rows"]), int(item["kept"])
+        top = (
+            reasons.loc[name].sort_values(ascending=False).head(_TOP_REASONS_PER_SOURCE)
+            if name in reasons.index.get_level_values(0)
+            else pd.Series(dtype="int64")
+        )
+        why = ", ".join(f"{r} {int(c):,}" for r, c in top.items())
+        row: list[Any] = [name, n, kept, _pct(kept, n), why]
+        if has_mismatch:
+            row.append(int(item["mismatches"]))
+        rows.append(row)
+    headers = ["language", "rows in", "kept", "kept %", "top rejection reasons"]
+    headers += ["mismatches"] if has_mismatch else []
+    table = _table(headers, rows, table_id="languages-table", num_columns=(1, 2, 3, 5))
+    more = (
+        f'<p class="muted">… {len(per) - _MAX_LANGUAGES:,} smaller languages not shown.</p>'
+        if len(per) > _MAX_LANGUAGES
+        else ""
+    )
+    plot = ""
+    try:
+        top_langs = per.head(_PLOT_LANGUAGES)
+        plot = _plot_languages(
+            [str(n) for n in top_langs.index],
+            top_langs["kept"].astype(int).tolist(),
+            (top_langs["rows"] - top_langs["kept"]).astype(int).tolist(),
+        )
+    except Exception as exc:  # a broken plot must never cost the run its report
+        plot = f'<p class="note">plot failed — {_e(f"{type(exc).__name__}: {exc}")}</p>'
+    note = (
+        '<p class="muted">Language of the instruction side; <code>und</code>: undetermined '
+        "(too short, code only, or no letters). Mismatches: a confident response in another "
+        "language.</p>"
+    )
+    return f'<section id="languages"><h2>Languages</h2>{note}{table}{more}{plot}</section>'
+
+
 def _section_distributions(
     scores: pd.DataFrame, numeric: Sequence[str], selected: np.ndarray
 ) -> str:
@@ -861,6 +943,7 @@ def render_report(
         _section_selection(manifest),
         _section_reasons(manifest, by_reason, input_n),
         _section_sources(scores, selected, manifest),
+        _section_languages(scores, selected),
         _section_distributions(scores, numeric, selected),
         _section_flags(scores, flags, selected),
         _section_examples(examples),
