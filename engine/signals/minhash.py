@@ -1,12 +1,231 @@
-"""MinHash near-duplicate candidates: word shingles, signatures, LSH bands.
+"""MinHash near-duplicate candidates: word shingles, signatures, LSH bands. Pure numpy.
 
-(Schema fixed here first; the arithmetic is filled in by the embeddings/dedup issue.)
+Every function here is deterministic across processes and machines (blake2b word hashes, seeded
+permutations, no Python `hash()`), so Spark workers on any partitioning compute the same
+signatures. The arithmetic of one batch is vectorised: only text normalisation and the hashing of
+each distinct word of a batch are Python loops.
+
+- words: NFKC, lowercase, every run of non-word characters (punctuation, symbols, `_`) is a space.
+- shingles: the `k`-word windows of a text; a text of 1..k-1 words is one shingle of all its
+  words; a text with no word has no shingle (it never becomes a candidate).
+- shingle hash: 64-bit, from the blake2b-64 hashes of its words combined in order.
+- signature: for each of `num_perm` permutations h(x) = (a*x + b) mod (2^61 - 1), with (a, b)
+  drawn from a seeded generator, the minimum over the text's shingles.
+- bands: `bands` groups of num_perm / bands consecutive signature values, each hashed to a 64-bit
+  key; two texts sharing any band key are a candidate pair.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+import unicodedata
+from collections.abc import Iterable
+
+import numpy as np
 import pyarrow as pa
 
 # near_dup_cluster: the smallest id of the record's connected component of near-duplicate pairs,
 # null for a record with no near-duplicate. Which member is kept is decided at selection time.
 MINHASH_SCHEMA = pa.schema([("id", pa.string()), ("near_dup_cluster", pa.string())])
+
+MERSENNE_61 = np.uint64((1 << 61) - 1)
+EMPTY = MERSENNE_61  # signature value of a text with no shingle: no permutation reaches it
+DEFAULT_SEED = 1
+
+_NON_WORD = re.compile(r"[\W_]+")
+_MASK32 = np.uint64(0xFFFFFFFF)
+_MASK29 = np.uint64((1 << 29) - 1)
+_COMBINE = np.uint64(0x100000001B3)  # FNV-64 prime: order-dependent combination of hashes
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def words(text: str) -> list[str]:
+    """Normalised words: NFKC, lowercase, punctuation and symbols stripped."""
+    return _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text or "").lower()).split()
+
+
+def word_hash(word: str) -> int:
+    """Stable 64-bit hash of one word (blake2b), identical in every process."""
+    return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _mix64(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads the combined hashes over all 64 bits."""
+    z = values ^ (values >> np.uint64(30))
+    z = z * _MIX1
+    z = z ^ (z >> np.uint64(27))
+    z = z * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def hash_words(texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(flat uint64 word hashes, row offsets): each distinct word of the batch is hashed once."""
+    table: dict[str, int] = {}
+    codes: list[int] = []
+    offsets = [0]
+    for text in texts:
+        for word in words(text):
+            codes.append(table.setdefault(word, len(table)))
+        offsets.append(len(codes))
+    distinct = np.fromiter((word_hash(w) for w in table), dtype=np.uint64, count=len(table))
+    return distinct[np.asarray(codes, dtype=np.int64)], np.asarray(offsets, dtype=np.int64)
+
+
+def shingle_hashes(
+    word_hashes: np.ndarray, offsets: np.ndarray, shingle_words: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(flat uint64 shingle hashes, row offsets into them) for rows of words given by offsets."""
+    k = shingle_words
+    lengths = np.diff(offsets)
+    counts = np.where(lengths >= k, lengths - k + 1, np.minimum(lengths, 1))
+    shingle_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    total = int(shingle_offsets[-1])
+    if total == 0:
+        return np.zeros(0, dtype=np.uint64), shingle_offsets
+    row_of = np.repeat(np.arange(len(counts)), counts)
+    start = offsets[row_of] + (np.arange(total) - shingle_offsets[row_of])
+    end = offsets[row_of + 1]
+    combined = np.zeros(total, dtype=np.uint64)
+    for j in range(k):
+        position = start + j
+        inside = position < end
+        value = word_hashes[np.minimum(position, len(word_hashes) - 1)]
+        combined = np.where(inside, combined * _COMBINE + value, combined)
+    return _mix64(combined), shingle_offsets
+
+
+def _mod61(values: np.ndarray) -> np.ndarray:
+    """values mod 2^61-1 for any uint64 (2^61 = 1 mod p, so fold the top 3 bits in)."""
+    folded = (values & MERSENNE_61) + (values >> np.uint64(61))
+    return np.where(folded >= MERSENNE_61, folded - MERSENNE_61, folded)
+
+
+def mulmod61(a: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """a * x mod 2^61-1 for a, x < 2^61, exactly, in uint64 (split into 32-bit halves)."""
+    a_hi, a_lo = a >> np.uint64(32), a & _MASK32
+    x_hi, x_lo = x >> np.uint64(32), x & _MASK32
+    high = (a_hi * x_hi) << np.uint64(3)  # * 2^64 = * 8 (mod p); < 2^61
+    middle = a_hi * x_lo + a_lo * x_hi  # < 2^62; * 2^32 folds to (m >> 29) + (m mod 2^29) << 32
+    middle = (middle >> np.uint64(29)) + ((middle & _MASK29) << np.uint64(32))
+    return _mod61(high + middle + _mod61(a_lo * x_lo))
+
+
+def permutations(num_perm: int, seed: int = DEFAULT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """The (a, b) of each universal hash h(x) = (a*x + b) mod 2^61-1; a in [1, p), b in [0, p)."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    a = rng.integers(1, MERSENNE_61, size=num_perm, dtype=np.uint64)
+    b = rng.integers(0, MERSENNE_61, size=num_perm, dtype=np.uint64)
+    return a, b
+
+
+def _permute_min(
+    x: np.ndarray, a_hi: np.ndarray, a_lo: np.ndarray, b: np.ndarray, out: list[np.ndarray]
+) -> np.ndarray:
+    """(a*x + b) mod 2^61-1 for a chunk of x (column) against every permutation (row), in place.
+
+    The same arithmetic as `mulmod61`, written with preallocated buffers: a chunk small enough
+    for the CPU cache and no temporaries is what makes the signature ~3x faster here.
+    """
+    n = x.shape[0]
+    one, two, three = (buf[:n] for buf in out)
+    x_hi, x_lo = x >> np.uint64(32), x & _MASK32
+    np.multiply(x_hi, a_hi, out=one)
+    np.left_shift(one, np.uint64(3), out=one)  # a_hi*x_hi * 2^64 = * 8 (mod p)
+    np.multiply(x_lo, a_hi, out=two)
+    np.multiply(x_hi, a_lo, out=three)
+    np.add(two, three, out=two)  # middle < 2^62, times 2^32 folds as below
+    np.right_shift(two, np.uint64(29), out=three)
+    np.bitwise_and(two, _MASK29, out=two)
+    np.left_shift(two, np.uint64(32), out=two)
+    np.add(one, two, out=one)
+    np.add(one, three, out=one)
+    np.multiply(x_lo, a_lo, out=two)  # < 2^64, folded once: < 2^61 + 8
+    np.right_shift(two, np.uint64(61), out=three)
+    np.bitwise_and(two, MERSENNE_61, out=two)
+    np.add(one, two, out=one)
+    np.add(one, three, out=one)
+    np.add(one, b, out=one)  # every term is below 2^61 + 2^33: the sum fits in 64 bits
+    np.right_shift(one, np.uint64(61), out=three)
+    np.bitwise_and(one, MERSENNE_61, out=one)
+    np.add(one, three, out=one)
+    np.subtract(one, MERSENNE_61, out=one, where=one >= MERSENNE_61)
+    return one
+
+
+def signatures_from_shingles(
+    hashes: np.ndarray,
+    shingle_offsets: np.ndarray,
+    num_perm: int,
+    seed: int = DEFAULT_SEED,
+    chunk_elements: int = 1 << 16,
+) -> np.ndarray:
+    """(rows, num_perm) uint64 MinHash signatures; a row with no shingle is all EMPTY.
+
+    Shingles are processed in chunks of about `chunk_elements` hash values, so memory stays flat
+    (and in cache) however long a text is.
+    """
+    rows = len(shingle_offsets) - 1
+    signature = np.full((rows, num_perm), EMPTY, dtype=np.uint64)
+    if hashes.size == 0:
+        return signature
+    a, b = permutations(num_perm, seed)
+    a_hi, a_lo = a >> np.uint64(32), a & _MASK32
+    counts = np.diff(shingle_offsets)
+    row_of = np.repeat(np.arange(rows), counts)
+    x = _mod61(hashes)[:, None]
+    step = max(1, chunk_elements // num_perm)
+    buffers = [np.empty((step, num_perm), dtype=np.uint64) for _ in range(3)]
+    for lo in range(0, hashes.size, step):
+        hi = min(hashes.size, lo + step)
+        values = _permute_min(x[lo:hi], a_hi, a_lo, b, buffers)
+        owners = row_of[lo:hi]
+        starts = np.flatnonzero(np.concatenate([[True], owners[1:] != owners[:-1]]))
+        which = owners[starts]
+        signature[which] = np.minimum(signature[which], np.minimum.reduceat(values, starts, axis=0))
+    return signature
+
+
+def signatures(
+    texts: Iterable[str], shingle_words: int, num_perm: int, seed: int = DEFAULT_SEED
+) -> tuple[np.ndarray, np.ndarray]:
+    """(signatures (rows, num_perm) uint64, has_shingles bool per row) of a batch of texts."""
+    word_hashes, offsets = hash_words(texts)
+    hashes, shingle_offsets = shingle_hashes(word_hashes, offsets, shingle_words)
+    return (
+        signatures_from_shingles(hashes, shingle_offsets, num_perm, seed),
+        np.diff(shingle_offsets) > 0,
+    )
+
+
+def band_keys(signature: np.ndarray, bands: int) -> np.ndarray:
+    """(rows, bands) uint64: one hash per band of num_perm / bands consecutive values."""
+    rows, num_perm = signature.shape
+    if num_perm % bands:
+        raise ValueError(f"bands ({bands}) must divide num_perm ({num_perm})")
+    grouped = signature.reshape(rows, bands, num_perm // bands)
+    combined = np.zeros((rows, bands), dtype=np.uint64)
+    for j in range(grouped.shape[2]):
+        combined = combined * _COMBINE + grouped[:, :, j]
+    return _mix64(combined)
+
+
+def estimate_jaccard(signature_a: np.ndarray, signature_b: np.ndarray) -> np.ndarray:
+    """Share of equal signature values: an unbiased estimate of the Jaccard similarity.
+
+    Works on one pair (1-D) or many (rows, num_perm); pairs with an EMPTY row are 0.
+    """
+    equal = np.mean(signature_a == signature_b, axis=-1)
+    empty = (signature_a == EMPTY).all(axis=-1) | (signature_b == EMPTY).all(axis=-1)
+    return np.where(empty, 0.0, equal)
+
+
+def exact_jaccard(text_a: str, text_b: str, shingle_words: int) -> float:
+    """Exact Jaccard of two texts' shingle sets (tests and benchmarks check the estimate)."""
+    sets = []
+    for text in (text_a, text_b):
+        word_hashes, offsets = hash_words([text])
+        sets.append(set(shingle_hashes(word_hashes, offsets, shingle_words)[0].tolist()))
+    union = sets[0] | sets[1]
+    return len(sets[0] & sets[1]) / len(union) if union else 0.0

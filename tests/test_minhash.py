@@ -1,0 +1,269 @@
+"""MinHash near-duplicates: the arithmetic on its own, then the Spark stage on real Alpaca rows
+with planted near-duplicates (precision and recall printed), its determinism across partitionings
+and its cap on oversized buckets."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.config import parse_job
+from engine.runtime.rundir import RunDir
+from engine.signals.minhash import (
+    EMPTY,
+    MERSENNE_61,
+    band_keys,
+    estimate_jaccard,
+    exact_jaccard,
+    hash_words,
+    mulmod61,
+    shingle_hashes,
+    signatures,
+    words,
+)
+from engine.stages.ingest import run_ingest
+from engine.stages.minhash import run_minhash
+
+P61 = (1 << 61) - 1
+
+
+# ---- pure arithmetic -------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, P61 - 1), st.integers(0, P61 - 1)), min_size=1))
+def test_mulmod61_is_exact(pairs: list[tuple[int, int]]) -> None:
+    a = np.array([p[0] for p in pairs], dtype=np.uint64)
+    x = np.array([p[1] for p in pairs], dtype=np.uint64)
+    assert [int(v) for v in mulmod61(a, x)] == [(i * j) % P61 for i, j in pairs]
+
+
+def test_words_and_shingles() -> None:
+    assert words("Hello, WORLD!  It's ﬁne_ok") == ["hello", "world", "it", "s", "fine", "ok"]
+    word_hashes, offsets = hash_words(["a b c d e f", "a b", "", "!!!"])
+    hashes, shingle_offsets = shingle_hashes(word_hashes, offsets, 3)
+    # 6 words -> 4 shingles; 2 words (< 3) -> one shingle; no word -> none.
+    assert np.diff(shingle_offsets).tolist() == [4, 1, 0, 0]
+    assert len(set(hashes.tolist())) == 5
+    # Order matters inside a shingle; case and punctuation do not.
+    sig, has = signatures(["one two three", "three two one", "ONE, two; Three."], 3, 64)
+    assert has.tolist() == [True, True, True]
+    assert not np.array_equal(sig[0], sig[1]) and np.array_equal(sig[0], sig[2])
+
+
+def test_signature_does_not_depend_on_the_batch() -> None:
+    texts = [f"text number {i} with some shared words and more words" for i in range(50)]
+    together, _ = signatures(texts, 3, 128)
+    alone, _ = signatures([texts[17]], 3, 128)
+    np.testing.assert_array_equal(together[17], alone[0])
+    assert together.dtype == np.uint64 and (together < MERSENNE_61).all()
+
+
+def test_empty_text_has_no_signature() -> None:
+    sig, has = signatures(["", "   ...  ", "words here"], 2, 32)
+    assert has.tolist() == [False, False, True]
+    assert (sig[:2] == EMPTY).all()
+    assert estimate_jaccard(sig[0], sig[1]) == 0.0
+
+
+def test_signatures_are_identical_in_another_process() -> None:
+    text = "The quick brown fox jumps over the lazy dog, again and again."
+    code = (
+        "import sys; from engine.signals.minhash import signatures; "
+        f"sys.stdout.write(signatures([{text!r}], 3, 64)[0].tobytes().hex())"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    ).stdout
+    assert other == signatures([text], 3, 64)[0].tobytes().hex()
+
+
+@pytest.mark.parametrize("target", [0.2, 0.5, 0.8])
+def test_estimate_tracks_exact_jaccard(target: float) -> None:
+    rng = random.Random(int(target * 100))
+    errors = []
+    for _ in range(40):
+        vocabulary = [f"w{rng.getrandbits(40)}" for _ in range(400)]
+        union = rng.randint(60, 200)
+        shared = round(target * union)
+        only = union - shared
+        a = vocabulary[:shared] + vocabulary[shared : shared + only // 2]
+        b = vocabulary[:shared] + vocabulary[shared + only // 2 : shared + only]
+        rng.shuffle(a)
+        rng.shuffle(b)
+        text_a, text_b = " ".join(a), " ".join(b)
+        sig, _ = signatures([text_a, text_b], 1, 256)
+        errors.append(estimate_jaccard(sig[0], sig[1]) - exact_jaccard(text_a, text_b, 1))
+    errors = np.abs(np.array(errors))
+    # Standard error at 256 permutations is <= 0.031: mean and worst case well inside that.
+    assert errors.mean() < 0.03 and errors.max() < 0.13, (errors.mean(), errors.max())
+
+
+def test_band_keys() -> None:
+    sig, _ = signatures(["alpha beta gamma delta", "alpha beta gamma delta epsilon"], 2, 128)
+    keys = band_keys(sig, 16)
+    assert keys.shape == (2, 16) and keys.dtype == np.uint64
+    same = sig.copy()
+    same[1] = sig[0]
+    same[1, :8] += np.uint64(1)  # only the first band differs
+    keys = band_keys(same, 16)
+    assert keys[0, 0] != keys[1, 0] and np.array_equal(keys[0, 1:], keys[1, 1:])
+    with pytest.raises(ValueError, match="must divide"):
+        band_keys(sig, 7)
+
+
+# ---- the Spark stage -------------------------------------------------------------------------
+
+
+def _perturb(text: str, rng: random.Random, vocabulary: list[str]) -> str:
+    """A near-duplicate: about one word edit per 50 words, plus case and punctuation noise."""
+    tokens = text.split(" ")
+    for _ in range(max(1, len(tokens) // 50)):
+        i = rng.randrange(len(tokens))
+        op = rng.choice(("replace", "delete", "swap"))
+        if op == "replace":
+            tokens[i] = rng.choice(vocabulary)
+        elif op == "delete" and len(tokens) > 1:
+            del tokens[i]
+        elif i + 1 < len(tokens):
+            tokens[i], tokens[i + 1] = tokens[i + 1], tokens[i]
+    i = rng.randrange(len(tokens))
+    tokens[i] = tokens[i].upper()
+    return " ".join(tokens).replace(",", "").rstrip(".") + "!"
+
+
+def _planted_rows(alpaca_rows: list[dict]) -> tuple[list[dict], list[tuple[int, int]], list[int]]:
+    """1,500 real rows + 100 planted near-duplicates + 10 same-instruction, other-answer rows
+    + a 30-row boilerplate family (one long answer, one word changed in each)."""
+    rng = random.Random(7)
+    rows = [dict(r) for r in alpaca_rows[:1500]]
+    vocabulary = sorted({w for r in rows[:300] for w in r["output"].split()})
+    long_enough = [
+        i for i, r in enumerate(rows) if len(f"{r['instruction']} {r['output']}".split()) >= 40
+    ]
+    originals = rng.sample(long_enough, 110)
+    planted: list[tuple[int, int]] = []
+    for i in originals[:100]:
+        copy = dict(rows[i])
+        copy["output"] = _perturb(copy["output"], rng, vocabulary)
+        copy["instruction"] = copy["instruction"].lower()
+        planted.append((i, len(rows)))
+        rows.append(copy)
+    unrelated = []
+    for k, i in enumerate(originals[100:]):
+        unrelated.append(len(rows))
+        rows.append({**rows[i], "output": alpaca_rows[3000 + k]["output"]})
+    boilerplate = alpaca_rows[2000]["output"] + " " + alpaca_rows[2001]["output"]
+    for k in range(30):
+        rows.append(
+            {
+                "instruction": "Write the standard notice.",
+                "input": "",
+                "output": f"{boilerplate} v{k}",
+            }
+        )
+    return rows, planted, unrelated
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory: pytest.TempPathFactory, alpaca_rows: list[dict], spark):
+    rows, planted, unrelated = _planted_rows(alpaca_rows)
+    folder = tmp_path_factory.mktemp("minhash")
+    path = folder / "planted.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    job = parse_job({"inputs": [{"path": str(path)}], "signals": ["minhash"]})
+    run = RunDir(folder / "run")
+    run_ingest(job, run, spark, lambda *_: lambda n: None, lambda message: None)
+    records = pd.read_parquet(run.records, columns=["id", "row", "dup_of"])
+    assert records["dup_of"].isna().all()
+    id_of_row = dict(zip(records["row"], records["id"], strict=True))
+    return job, run, rows, planted, unrelated, id_of_row
+
+
+def _clusters(run: RunDir) -> pd.Series:
+    return pd.read_parquet(run.signal("minhash")).set_index("id")["near_dup_cluster"].sort_index()
+
+
+@pytest.mark.slow
+def test_planted_near_duplicates_are_found(planted_run, spark) -> None:
+    job, run, rows, planted, unrelated, id_of_row = planted_run
+    spark.conf.set("spark.sql.files.maxPartitionBytes", str(64 * 1024))  # several partitions
+    try:
+        info = run_minhash(job, run, spark)
+    finally:
+        spark.conf.unset("spark.sql.files.maxPartitionBytes")
+    clusters = _clusters(run)
+    assert len(clusters) == len(rows) == info["rows"]
+    same = {
+        (a, b)
+        for a, b in ((id_of_row[i], id_of_row[j]) for i, j in planted)
+        if pd.notna(clusters[a]) and clusters[a] == clusters[b]
+    }
+    recall = len(same) / len(planted)
+    boiler_ids = [id_of_row[i] for i in range(len(rows) - 30, len(rows))]
+    planted_ids = {id_of_row[i] for pair in planted for i in pair} | set(boiler_ids)
+    in_clusters = clusters.dropna()
+    # Precision over rows put in a cluster: members of planted families are right, others wrong.
+    wrong = in_clusters[~in_clusters.index.isin(planted_ids)]
+    precision = 1 - len(wrong) / len(in_clusters)
+    exact = [
+        exact_jaccard(
+            f"{rows[i]['instruction']} {rows[i]['output']}",
+            f"{rows[j]['instruction']} {rows[j]['output']}",
+            5,
+        )
+        for i, j in planted
+    ]
+    print(
+        f"\nminhash planted pairs: recall {recall:.3f} ({len(same)}/{len(planted)}), "
+        f"row precision {precision:.3f} ({len(wrong)} unplanted rows clustered), "
+        f"planted exact Jaccard min {min(exact):.2f} median {np.median(exact):.2f}; {info}"
+    )
+    assert recall >= 0.9 and precision >= 0.9
+    # Same instruction with another row's answer is not a near-duplicate of the original.
+    assert clusters[[id_of_row[i] for i in unrelated]].isna().all()
+    # The boilerplate family is one cluster named by its smallest id.
+    assert set(clusters[boiler_ids]) == {min(boiler_ids)}
+    assert info["capped_buckets"] == 0 and info["verified_pairs"] <= info["candidate_pairs"]
+    assert info["rows_in_clusters"] == len(in_clusters)
+    assert info["clusters"] == in_clusters.nunique()
+
+    # One partition and one shuffle partition give exactly the same output.
+    single = RunDir(run.root.parent / "single")
+    single.records.mkdir(parents=True)
+    pq.write_table(pq.read_table(run.records).sort_by("id"), single.records / "part-0.parquet")
+    spark.conf.set("spark.sql.shuffle.partitions", "1")
+    try:
+        again = run_minhash(job, single, spark)
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", "4")
+    pd.testing.assert_series_equal(_clusters(single), clusters)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {
+        k: v for k, v in info.items() if k != "seconds"
+    }
+
+
+@pytest.mark.slow
+def test_oversized_buckets_are_capped_deterministically(planted_run, spark) -> None:
+    job, run, rows, _, _, id_of_row = planted_run
+    job = job.model_copy(deep=True)
+    job.select.dedup.near.bucket_window = 4
+    info = run_minhash(job, run, spark)
+    # The 30-row family shares buckets of 30: each member is paired with its next 4 by id only.
+    assert info["capped_buckets"] >= 1
+    assert info["skipped_pairs"] > 0
+    clusters = _clusters(run)
+    boiler_ids = [id_of_row[i] for i in range(len(rows) - 30, len(rows))]
+    # Chains of neighbours still join the whole family into one cluster.
+    assert set(clusters[boiler_ids]) == {min(boiler_ids)}
