@@ -79,8 +79,8 @@ def test_default_job_removes_near_and_semantic_duplicates(tmp_path: Path, plante
         pair = rows.loc[[planted_row, original_row]]
         # One of the pair is removed as the other's near duplicate (the longer answer is kept).
         assert (pair["reason"] == "near_duplicate").sum() == 1, pair[["reason", "dup_of"]]
-        loser = pair[pair["reason"] == "near_duplicate"].iloc[0]
-        assert loser["dup_of"] == pair[pair["reason"] != "near_duplicate"].iloc[0]["id"]
+        is_loser = pair["reason"].fillna("") == "near_duplicate"
+        assert pair[is_loser].iloc[0]["dup_of"] == pair[~is_loser].iloc[0]["id"]
     semantic_hits = rows.loc[where["semantic"] + list(range(20, 30)), "reason"]
     assert (semantic_hits == "semantic_duplicate").sum() >= 8
     assert manifest["counts"]["selected"] == 100
