@@ -36,8 +36,6 @@ from engine.selection.groups import connected_components
 from engine.signals.embed import record_text
 from engine.signals.minhash import band_keys, estimate_jaccard, signatures
 
-# Pairs per bucket member in oversized buckets (see the module docstring).
-
 SIGNATURE_SCHEMA = pa.schema(
     [("id", pa.string()), ("signature", pa.binary()), ("band_keys", pa.list_(pa.int64()))]
 )
