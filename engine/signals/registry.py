@@ -41,6 +41,8 @@ RESERVED_REASONS = (
     "too_similar",
     "lang_not_allowed",
     "judge_unparsed",
+    "judge_no_turn",
+    "judge_injection",
     "score_missing",
 )
 
