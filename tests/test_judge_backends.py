@@ -44,7 +44,7 @@ def model_path() -> str:
 
 @pytest.fixture(scope="module")
 def tf_judge(model_path: str):
-    judge = TransformersJudge(model_path, dtype="float32", batch_size=8, num_threads=1)
+    judge = TransformersJudge(model_path, dtype="float32", batch_size=8, num_threads=2)
     yield judge
     judge.close()
 
@@ -189,15 +189,15 @@ def _job(input_path: Path, cache: Path, judges: list[str]):
 def test_judge_stage_sidecar_and_per_judge_cache(tmp_path: Path, alpaca_rows, tf_judge) -> None:
     from engine.stages.judge import run_judge, score_batch
 
-    conversations = _conversations(alpaca_rows, [], 12, 0)
+    conversations = _conversations(alpaca_rows, [], 6, 0)
     cache = tmp_path / "cache"
     deita = ["deita_quality", "deita_complexity"]
 
     first = RunDir(tmp_path / "run1")
     _records(first, conversations)
     info = run_judge(_job(tmp_path / "in.jsonl", cache, deita), first)
-    assert info["rows"] == 12
-    assert {n: info["judges"][n]["cache_misses"] for n in deita} == dict.fromkeys(deita, 12)
+    assert info["rows"] == 6
+    assert {n: info["judges"][n]["cache_misses"] for n in deita} == dict.fromkeys(deita, 6)
     sidecar = pq.read_table(first.signal("judge")).to_pandas().set_index("id")
     assert list(sidecar.columns) == [
         "judge_deita_quality",
@@ -231,9 +231,9 @@ def test_judge_stage_sidecar_and_per_judge_cache(tmp_path: Path, alpaca_rows, tf
     second = RunDir(tmp_path / "run2")
     _records(second, conversations)
     info = run_judge(_job(tmp_path / "in.jsonl", cache, [*deita, "concise"]), second)
-    assert {n: info["judges"][n]["cache_hits"] for n in deita} == dict.fromkeys(deita, 12)
-    assert info["judges"]["concise"]["cache_misses"] == 12
-    assert info["scored"] == 12  # rows sent to Ray (for the new judge only)
+    assert {n: info["judges"][n]["cache_hits"] for n in deita} == dict.fromkeys(deita, 6)
+    assert info["judges"]["concise"]["cache_misses"] == 6
+    assert info["scored"] == 6  # rows sent to Ray (for the new judge only)
     again = pq.read_table(second.signal("judge")).to_pandas().set_index("id")
     np.testing.assert_array_equal(
         again.loc[sidecar.index, "judge_deita_score"], sidecar["judge_deita_score"]
@@ -244,7 +244,7 @@ def test_judge_stage_sidecar_and_per_judge_cache(tmp_path: Path, alpaca_rows, tf
     _records(third, conversations)
     info = run_judge(_job(tmp_path / "in.jsonl", cache, [*deita, "concise"]), third)
     assert info["scored"] == 0
-    assert all(j["cache_hits"] == 12 and j["cache_misses"] == 0 for j in info["judges"].values())
+    assert all(j["cache_hits"] == 6 and j["cache_misses"] == 0 for j in info["judges"].values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def test_injected_copies_do_not_score_higher(tf_judge, alpaca_rows, dolly_rows) 
     where the injection screen gives such rows the scale's lowest score (asserted)."""
     from engine.stages.judge import score_batch
 
-    conversations = _conversations(alpaca_rows, dolly_rows, 12, 12)
+    conversations = _conversations(alpaca_rows, dolly_rows, 4, 4)
 
     def with_suffix(suffix: str) -> list:
         return [
@@ -268,26 +268,26 @@ def test_injected_copies_do_not_score_higher(tf_judge, alpaca_rows, dolly_rows) 
             for c in conversations
         ]
 
-    variants = {"original": conversations, "injected": with_suffix(INJECTION)}
-    variants["fence_break"] = with_suffix(FENCE_BREAK)
+    attacks = {"injected": with_suffix(INJECTION), "fence_break": with_suffix(FENCE_BREAK)}
     n = len(conversations)
     for judge in (ALPAGASUS, DEITA_QUALITY):
-        model_only, stage = {}, {}
-        for name, convs in variants.items():
+        # The stage's path: originals go to the model, screened copies never do.
+        stage = {"original": score_batch(tf_judge, [judge], conversations, None, 2048, None)}
+        for name, convs in attacks.items():
+            stage[name] = score_batch(tf_judge, [judge], convs, None, 2048, None)
+        assert set(stage["original"][f"judge_{judge.name}_reason"]) == {None}
+        for name in attacks:
+            assert set(stage[name][f"judge_{judge.name}_reason"]) == {"judge_injection"}
+        means = {k: float(np.mean(v[f"judge_{judge.name}"])) for k, v in stage.items()}
+        # The model alone, behind the fence and the prompt, with the screen bypassed.
+        for name, convs in attacks.items():
             replies = tf_judge.judge(_prompts(judge, convs), judge.score_tokens)
             scores = [turn_score(r.text, r.score_logprobs, judge.scale) for r in replies]
             assert not any(math.isnan(s) for s in scores)
-            model_only[name] = float(np.mean(scores))
-            columns = score_batch(tf_judge, [judge], convs, None, 2048, None)
-            stage[name] = float(np.mean(columns[f"judge_{judge.name}"]))
-            reasons = set(columns[f"judge_{judge.name}_reason"])
-            assert reasons == ({None} if name == "original" else {"judge_injection"})
-        assert stage["original"] == pytest.approx(model_only["original"], abs=1e-9)
-        for name in ("injected", "fence_break"):
+            alone = float(np.mean(scores))
             print(
-                f"{judge.name} n={n} {name}: model alone {model_only['original']:.4f} -> "
-                f"{model_only[name]:.4f} ({model_only[name] - model_only['original']:+.4f}); "
-                f"with the screen {stage['original']:.4f} -> {stage[name]:.4f} "
-                f"({stage[name] - stage['original']:+.4f})"
+                f"{judge.name} n={n} {name}: model alone {means['original']:.4f} -> {alone:.4f} "
+                f"({alone - means['original']:+.4f}); with the screen {means['original']:.4f} -> "
+                f"{means[name]:.4f} ({means[name] - means['original']:+.4f})"
             )
-            assert stage[name] < stage["original"], (judge.name, name, stage)
+            assert means[name] < means["original"], (judge.name, name, means)

