@@ -89,6 +89,11 @@ PACKAGES = (
     "vllm",
     "pydantic",
     "datasets",
+    "sentence-transformers",
+    "faiss-cpu",
+    "faiss-gpu",
+    "lingua-language-detector",
+    "httpx",
 )
 
 
