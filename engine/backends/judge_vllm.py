@@ -22,11 +22,8 @@ The CPU engine settings and shutdown are those of `engine.backends.vllm_lm`.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
-import multiprocessing
 import os
-import shutil
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -35,9 +32,9 @@ from engine.backends.base import JudgeReply
 from engine.backends.judge_transformers import render_chat, score_token_ids
 from engine.backends.vllm_lm import (
     CPU_ENV_DEFAULTS,
-    SHUTDOWN_TIMEOUT_S,
     cuda_available,
     scoped_environ,
+    shutdown_engine,
 )
 
 log = logging.getLogger(__name__)
@@ -149,25 +146,8 @@ class VllmJudge:
 
     def close(self) -> None:
         llm, self.llm = self.llm, None
-        if llm is not None:
-            engine = getattr(llm, "llm_engine", None)
-            core = getattr(engine, "engine_core", None)
-            if core is not None:
-                try:
-                    core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
-                except Exception:  # already down: nothing left to free
-                    log.warning("vLLM engine core shutdown failed", exc_info=True)
-            del engine, core, llm
-        gc.collect()
-        multiprocessing.active_children()
-        if self.on_gpu:
-            with contextlib.suppress(Exception):
-                import torch
-
-                torch.cuda.empty_cache()
         workdir, self._workdir = self._workdir, None
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
+        shutdown_engine(llm, self.on_gpu, workdir)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

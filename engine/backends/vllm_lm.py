@@ -81,6 +81,29 @@ def scoped_environ(defaults: Mapping[str, str]) -> Iterator[dict[str, str]]:
                 os.environ[key] = value
 
 
+def shutdown_engine(llm: Any, on_gpu: bool, workdir: str | None) -> None:
+    """Stop an `LLM`'s engine core and free what it held: the core process (reaped, so no zombie
+    is left), GPU memory, and the engine's scratch folder. Shared by every vLLM backend."""
+    if llm is not None:
+        engine = getattr(llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None:
+            try:
+                core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
+            except Exception:  # already down: nothing left to free
+                log.warning("vLLM engine core shutdown failed", exc_info=True)
+        del engine, core, llm
+    gc.collect()
+    multiprocessing.active_children()  # reaps the exited engine core
+    if on_gpu:
+        with contextlib.suppress(Exception):
+            import torch
+
+            torch.cuda.empty_cache()
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def prompt_nll(token_ids: Sequence[int], prompt_logprobs: Any, score_from: int) -> np.ndarray:
     """NLL (float64) of `token_ids[score_from:]` from a vLLM `prompt_logprobs` result: a list of
     {token_id: Logprob} per position (None at position 0), or a `FlatLogprobs`."""
@@ -220,25 +243,8 @@ class VllmScorer:
 
     def close(self) -> None:
         llm, self.llm = self.llm, None
-        if llm is not None:
-            engine = getattr(llm, "llm_engine", None)
-            core = getattr(engine, "engine_core", None)
-            if core is not None:
-                try:
-                    core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
-                except Exception:  # already down: nothing left to free
-                    log.warning("vLLM engine core shutdown failed", exc_info=True)
-            del engine, core, llm
-        gc.collect()
-        multiprocessing.active_children()  # reaps the exited engine core (no zombie left)
-        if self.on_gpu:
-            with contextlib.suppress(Exception):
-                import torch
-
-                torch.cuda.empty_cache()
         workdir, self._workdir = self._workdir, None
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
+        shutdown_engine(llm, self.on_gpu, workdir)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
