@@ -23,18 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 from engine.backends.base import JudgeReply
 from engine.backends.judge_transformers import render_chat, score_token_ids
 from engine.backends.vllm_lm import (
-    CPU_ENV_DEFAULTS,
     cuda_available,
-    scoped_environ,
     shutdown_engine,
+    start_engine,
 )
 
 log = logging.getLogger(__name__)
@@ -64,37 +61,21 @@ class VllmJudge:
         self.max_length, self.max_new_tokens = max_length, max_new_tokens
         self.always_generate = always_generate
         self.on_gpu = cuda_available()
-        self._workdir: str | None = None
         self._token_ids_supported = True
         self.llm: Any = None
         self.tokenizer = AutoTokenizer.from_pretrained(
             model_path, trust_remote_code=trust_remote_code
         )
-        defaults: dict[str, str] = {}
-        if not self.on_gpu:
-            self._workdir = tempfile.mkdtemp(prefix="winnow-vllm-judge-")
-            defaults = {
-                **CPU_ENV_DEFAULTS,
-                "VLLM_CACHE_ROOT": os.path.join(self._workdir, "cache"),
-                "VLLM_RPC_BASE_PATH": self._workdir,
-            }
-        try:
-            with scoped_environ(defaults):
-                from vllm import LLM
-
-                self.llm = LLM(
-                    model=model_path,
-                    dtype=dtype,
-                    max_model_len=max_length + max_new_tokens,
-                    enforce_eager=enforce_eager,
-                    gpu_memory_utilization=gpu_memory_utilization,
-                    trust_remote_code=trust_remote_code,
-                    seed=seed,
-                    disable_log_stats=True,
-                )
-        except BaseException:
-            self.close()
-            raise
+        self.llm, self._workdir = start_engine(
+            self.on_gpu,
+            model=model_path,
+            dtype=dtype,
+            max_model_len=max_length + max_new_tokens,
+            enforce_eager=enforce_eager,
+            gpu_memory_utilization=gpu_memory_utilization,
+            trust_remote_code=trust_remote_code,
+            seed=seed,
+        )
         log.info("vllm judge: %s, %s", model_path, dtype)
 
     def _params(self, ids: dict[str, int], generate: bool) -> Any:

