@@ -9,13 +9,14 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo test test-fast bench lint format clean java
+.PHONY: install demo test test-fast bench lint format clean java chromium
 
 install: $(STAMP)
 
 # torch first, pinned, so pip takes the CPU wheel from local disk instead of a multi-GB CUDA build.
 $(STAMP): pyproject.toml
 	@$(MAKE) --no-print-directory java
+	@$(MAKE) --no-print-directory chromium
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
@@ -30,6 +31,10 @@ $(STAMP): pyproject.toml
 # Spark needs a JVM; the machine image ships OpenJDK 17, a bare Debian gets it from apt.
 java:
 	@command -v java >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless; }
+
+# tests/test_report_browser.py loads the report in headless Chromium (Debian's, /usr/bin/chromium).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 demo: install
 	$(BIN)/winnow run jobs/demo.yaml $(if $(FULL),--full,)

@@ -9,7 +9,6 @@ never see half a file, and a crash loses only that run's additions.
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from engine.models import cache_root
+from engine.runtime.rundir import atomic_path
 
 
 def default_score_cache() -> Path:
@@ -60,8 +60,5 @@ class ScoreCache:
         """Store newly scored rows."""
         if table.num_rows == 0:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"{uuid.uuid4().hex}.parquet"
-        tmp = self.folder / f".{name}.tmp"
-        pq.write_table(table.select(self.schema.names).cast(self.schema), tmp)
-        os.replace(tmp, self.folder / name)
+        with atomic_path(self.folder / f"{uuid.uuid4().hex}.parquet") as tmp:
+            pq.write_table(table.select(self.schema.names).cast(self.schema), tmp)

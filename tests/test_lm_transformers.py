@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.backends.transformers_lm import (
-    TransformersScorer,
-    cpu_supports_bf16,
-    reference_token_nll,
-    resolve_dtype,
-)
+from engine.backends import lm_scorer
+from engine.backends.hf import cpu_supports_bf16, resolve_device, resolve_dtype
+from engine.backends.transformers_lm import TransformersScorer, reference_token_nll
 from engine.records import to_canonical
 from engine.signals.lm import ScoredSequence, fit, plan_turns, record_signals
+from tests.support.factories import factory_settings
 
 ALPACA = Path(__file__).resolve().parents[1].parent / "shared/data/alpaca_random_9k.json"
 # The first 20 rows plus four whose answer runs past 256 tokens, so truncation is exercised.
@@ -143,8 +141,10 @@ def test_batching_matches_reference_on_tiny_llama(tiny) -> None:
     got = scorer.token_nll(sequences)
     want = reference_token_nll(model, sequences)
     scorer.close()
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(RuntimeError, match="the transformers backend is closed"):
         scorer.token_nll(sequences)
+    scorer.close()  # idempotent
+    assert scorer.closed and not hasattr(scorer, "model")
     assert [len(g) for g in got] == [len(s.token_ids) - s.score_from for s in sequences]
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
@@ -215,6 +215,43 @@ def test_dtype_resolution() -> None:
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("int8", cpu)
+
+
+def test_device_honours_use_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA only when asked for AND present: a CPU actor never takes a GPU it was not given."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(False) == torch.device("cpu")
+    assert resolve_device(True) == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(True) == torch.device("cpu")
+    assert resolve_device(False) == torch.device("cpu")
+
+
+def test_vllm_dtype_auto_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job spec's "auto" for vLLM: bf16 where native, else fp32 (vLLM's own "auto" would be
+    the checkpoint's dtype); explicit dtypes pass through."""
+    from engine.backends.vllm_engine import vllm_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert vllm_dtype("auto") == ("bfloat16" if cpu_supports_bf16() else "float32")
+    assert vllm_dtype("float32") == "float32" and vllm_dtype("bfloat16") == "bfloat16"
+
+
+def test_factory_builds_the_transformers_scorer(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lm_scorer` with the stage's settings: the CPU although CUDA "exists" (use_gpu=False), a
+    context manager that closes; an unknown backend is refused."""
+    folder, model, _ = tiny
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    settings = factory_settings(max_length=64, max_batch_tokens=64)
+    sequences = [ScoredSequence([1, 5, 9, 12, 3], 2)]
+    scorer = lm_scorer("transformers", folder, **settings)
+    assert isinstance(scorer, TransformersScorer) and scorer.device.type == "cpu"
+    with scorer:
+        got = scorer.token_nll(sequences)
+    assert scorer.closed
+    np.testing.assert_allclose(got[0], reference_token_nll(model, sequences)[0], rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown LM backend 'llamacpp'"):
+        lm_scorer("llamacpp", folder, **settings)
 
 
 # ---- SmolLM2-135M on real Alpaca rows ----------------------------------------------------------

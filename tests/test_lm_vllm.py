@@ -19,7 +19,8 @@ import numpy as np
 import psutil
 import pytest
 
-from engine.backends.vllm_lm import VllmScorer, prompt_nll, scoped_environ
+from engine.backends.vllm_engine import scoped_environ
+from engine.backends.vllm_lm import VllmScorer, prompt_nll
 from engine.models import resolve_model
 from engine.records import to_canonical
 from engine.signals.lm import ScoredSequence, TurnPlan, plan_turns, record_signals
@@ -127,6 +128,9 @@ def bf16_run(vllm_env: Path, model_path: str, sequences: list[ScoredSequence]) -
         workdir = scorer._workdir
     finally:
         scorer.close()
+    with pytest.raises(RuntimeError, match="the vllm backend is closed"):
+        scorer.token_nll(sequences)
+    scorer.close()  # idempotent: nothing left to shut down
     tokens = sum(len(s.token_ids) for s in sequences)
     run = VllmRun(nll, start, score, tokens, pids, shm, workdir, dict(os.environ) == env_before)
     print(run.report("bfloat16"))

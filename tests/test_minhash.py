@@ -31,8 +31,7 @@ from engine.signals.minhash import (
     signatures,
     words,
 )
-from engine.stages.ingest import run_ingest
-from engine.stages.minhash import run_minhash
+from tests.support.stages import run_stage
 
 P61 = (1 << 61) - 1
 
@@ -184,7 +183,7 @@ def planted_run(tmp_path_factory: pytest.TempPathFactory, alpaca_rows: list[dict
     path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
     job = parse_job({"inputs": [{"path": str(path)}], "signals": ["minhash"]})
     run = RunDir(folder / "run")
-    run_ingest(job, run, spark, lambda *_: lambda n: None, lambda message: None)
+    run_stage("ingest", job, run, spark)
     records = pd.read_parquet(run.records, columns=["id", "row", "dup_of"])
     assert records["dup_of"].isna().all()
     id_of_row = dict(zip(records["row"], records["id"], strict=True))
@@ -200,7 +199,7 @@ def test_planted_near_duplicates_are_found(planted_run, spark) -> None:
     job, run, rows, planted, unrelated, id_of_row = planted_run
     spark.conf.set("spark.sql.files.maxPartitionBytes", str(64 * 1024))  # several partitions
     try:
-        info = run_minhash(job, run, spark)
+        info = run_stage("minhash", job, run, spark)
     finally:
         spark.conf.unset("spark.sql.files.maxPartitionBytes")
     clusters = _clusters(run)
@@ -245,7 +244,7 @@ def test_planted_near_duplicates_are_found(planted_run, spark) -> None:
     pq.write_table(pq.read_table(run.records).sort_by("id"), single.records / "part-0.parquet")
     spark.conf.set("spark.sql.shuffle.partitions", "1")
     try:
-        again = run_minhash(job, single, spark)
+        again = run_stage("minhash", job, single, spark)
     finally:
         spark.conf.set("spark.sql.shuffle.partitions", "4")
     pd.testing.assert_series_equal(_clusters(single), clusters)
@@ -259,7 +258,7 @@ def test_oversized_buckets_are_capped_deterministically(planted_run, spark) -> N
     job, run, rows, _, _, id_of_row = planted_run
     job = job.model_copy(deep=True)
     job.select.dedup.near.bucket_window = 4
-    info = run_minhash(job, run, spark)
+    info = run_stage("minhash", job, run, spark)
     # The 30-row family shares buckets of 30: each member is paired with its next 4 by id only.
     assert info["capped_buckets"] >= 1
     assert info["skipped_pairs"] > 0

@@ -256,7 +256,7 @@ def test_multi_source_formats_and_cross_source_duplicates(
             "select": {"preset": "random", "budget": 0.5, "dedup": NO_DEDUP},
         }
     )
-    manifest = JobRunner(job, tmp_path / "out").execute()
+    manifest = JobRunner(job, tmp_path / "out").execute().model_dump(mode="json", by_alias=True)
     schemas = [s["schema"] for s in manifest["sources"]]
     assert schemas == ["alpaca", "alpaca", "messages", "sharegpt"]
     assert manifest["counts"]["input"] == 400 + 300 + 50 + 30
@@ -284,7 +284,7 @@ def test_builtin_sharegpt_sampled_and_truncation_reported(tmp_path: Path) -> Non
             "select": {"budget": 50},
         }
     )
-    manifest = JobRunner(job, tmp_path / "out").execute()
+    manifest = JobRunner(job, tmp_path / "out").execute().model_dump(mode="json", by_alias=True)
     assert manifest["sampling"]["kept_rows"] == manifest["counts"]["input"] == 300
     assert manifest["sampling"]["framed_rows"] > 17_000
     warnings = manifest["sources"][0]["warnings"]
@@ -316,7 +316,9 @@ def test_empty_input_and_unplaceable_pool_fail_cleanly(tmp_path: Path) -> None:
     good = tmp_path / "good.jsonl"
     good.write_text('{"instruction": "a", "output": "b"}\n', encoding="utf-8")
     config = tmp_path / "job.yaml"
-    config.write_text("stages: {tokens: {num_cpus: 1, concurrency: 4}}\n", encoding="utf-8")
+    config.write_text(
+        "stages: {tokens: {resources: {num_cpus: 1, concurrency: 4}}}\n", encoding="utf-8"
+    )
     out = tmp_path / "b"
     result = runner.invoke(
         app,
@@ -350,10 +352,19 @@ def test_edited_input_or_missing_output_reruns_stages(tmp_path: Path, alpaca_row
     path.write_text("\n".join(json.dumps(r) for r in alpaca_rows[:100]), encoding="utf-8")
     args = ["select", str(path), "--out", str(tmp_path / "o"), "--budget", "10", "--dedup", "none"]
     assert runner.invoke(app, args).exit_code == 0
+    selected = (tmp_path / "o" / "selected.jsonl").read_text()
     (tmp_path / "o" / "scores.parquet").unlink()
     assert runner.invoke(app, args).exit_code == 0
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    assert manifest["skipped_stages"] == ["ingest"]
+    # select re-runs to restore its output; export's inputs did not change, so it stays done.
+    assert manifest["skipped_stages"] == ["ingest", "export"]
+    assert (tmp_path / "o" / "scores.parquet").is_file()
+    assert (tmp_path / "o" / "selected.jsonl").read_text() == selected
+    (tmp_path / "o" / "selected.jsonl").unlink()
+    assert runner.invoke(app, args).exit_code == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["skipped_stages"] == ["ingest", "select"]
+    assert (tmp_path / "o" / "selected.jsonl").read_text() == selected
     path.write_text("\n".join(json.dumps(r) for r in alpaca_rows[:120]), encoding="utf-8")
     assert runner.invoke(app, args).exit_code == 0
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())

@@ -12,7 +12,7 @@ import pytest
 
 from engine.config import parse_job
 from engine.selection.quotas import allocate
-from engine.stages.select import select_rows
+from engine.selection.rows import select_rows
 
 DIM = 16
 

@@ -50,13 +50,13 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from engine.backends.base import JudgeReply
+from engine.backends.base import Closable, JudgeReply
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,23 @@ TOO_LONG = re.compile(
 RETRY_AFTER_MAX_S = 300.0
 # Bump when the cached reply's layout changes (old files are then simply not found).
 CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class OpenAIEndpoint:
+    """Where and how the `openai` judge backend asks: the endpoint's settings from the job spec.
+    `api_key` is the key itself (the caller reads it from the environment variable the spec
+    names; it is never stored anywhere else); `model` None means the stage's model name;
+    `request_cache_dir` None switches the request cache off."""
+
+    base_url: str
+    model: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    concurrency: int = 8
+    timeout_s: float = 120.0
+    max_retries: int = 6
+    logprobs: bool = True
+    request_cache_dir: str | None = None
 
 
 class JudgeRequestError(RuntimeError):
@@ -180,7 +197,7 @@ def score_logprobs(
     return out
 
 
-class OpenAIJudge:
+class OpenAIJudge(Closable):
     """`JudgeBackend` on an OpenAI-compatible endpoint (see the module docstring)."""
 
     name = "openai"
@@ -216,7 +233,7 @@ class OpenAIJudge:
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        self._client: httpx.Client | None = httpx.Client(
+        self._client = httpx.Client(
             headers=headers,
             timeout=httpx.Timeout(timeout_s),
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
@@ -237,8 +254,7 @@ class OpenAIJudge:
         self, prompts: Sequence[list[dict[str, str]]], score_tokens: Sequence[str]
     ) -> list[JudgeReply]:
         """One reply per prompt, in order; cached replies are not asked again."""
-        if self._client is None:
-            raise RuntimeError("the OpenAI judge client is closed")
+        self._check_open()
         if not prompts:
             return []
         first_of: dict[str, int] = {}
@@ -290,16 +306,28 @@ class OpenAIJudge:
                 "rejected": self.rejected,
             }
 
-    def close(self) -> None:
-        client, self._client = self._client, None
+    @classmethod
+    def from_endpoint(
+        cls, endpoint: OpenAIEndpoint, model: str, max_new_tokens: int = 8
+    ) -> OpenAIJudge:
+        """A client of `endpoint`; `model` is the served model's name when the endpoint names
+        none."""
+        return cls(
+            base_url=endpoint.base_url,
+            model=endpoint.model or model,
+            api_key=endpoint.api_key,
+            concurrency=endpoint.concurrency,
+            timeout_s=endpoint.timeout_s,
+            max_retries=endpoint.max_retries,
+            logprobs=endpoint.logprobs,
+            max_new_tokens=max_new_tokens,
+            request_cache_dir=endpoint.request_cache_dir,
+        )
+
+    def _release(self) -> None:
+        client = getattr(self, "_client", None)
         if client is not None:
             client.close()
-
-    def __enter__(self) -> OpenAIJudge:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -427,9 +455,8 @@ class OpenAIJudge:
 
     def _post(self, body: dict[str, Any]) -> CachedReply:
         """POST one chat completion with retries; the parsed reply or an error."""
+        self._check_open()
         client = self._client
-        if client is None:
-            raise RuntimeError("the OpenAI judge client is closed")
         last = ""
         for attempt in range(self.max_retries + 1):
             if self._stop.is_set():

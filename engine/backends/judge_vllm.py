@@ -16,33 +16,26 @@ scale tokens outside the top 20 are left out (probability 0 before renormalisati
 Token ids of the scale values are the bare digits, as in the transformers backend. Generation is
 one token when the log-probabilities decide the score, else `max_new_tokens` greedy tokens whose
 text is parsed. A prompt longer than `max_length` tokens is not submitted: its reply is empty.
-The CPU engine settings and shutdown are those of `engine.backends.vllm_lm`.
+Prompts are rendered (and scale tokens looked up) by `engine.backends.chat`, as the transformers
+judge does; the engine's start and shutdown are those of `engine.backends.vllm_engine`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 from engine.backends.base import JudgeReply
-from engine.backends.judge_transformers import render_chat, score_token_ids
-from engine.backends.vllm_lm import (
-    cuda_available,
-    shutdown_engine,
-    start_engine,
-)
+from engine.backends.chat import VllmChatModel, score_token_ids
 
 log = logging.getLogger(__name__)
 
 TOP_LOGPROBS_FALLBACK = 20
 
 
-class VllmJudge:
+class VllmJudge(VllmChatModel):
     """`JudgeBackend` on a vLLM engine (see the module docstring)."""
-
-    name = "vllm"
 
     def __init__(
         self,
@@ -56,25 +49,11 @@ class VllmJudge:
         seed: int = 0,
         always_generate: bool = False,
     ) -> None:
-        from transformers import AutoTokenizer
-
-        self.max_length, self.max_new_tokens = max_length, max_new_tokens
         self.always_generate = always_generate
-        self.on_gpu = cuda_available()
         self._token_ids_supported = True
-        self.llm: Any = None
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            model_path, trust_remote_code=trust_remote_code
-        )
-        self.llm, self._workdir = start_engine(
-            self.on_gpu,
-            model=model_path,
-            dtype=dtype,
-            max_model_len=max_length + max_new_tokens,
-            enforce_eager=enforce_eager,
-            gpu_memory_utilization=gpu_memory_utilization,
-            trust_remote_code=trust_remote_code,
-            seed=seed,
+        self.max_length, self.max_new_tokens = max_length, max_new_tokens
+        super().__init__(
+            model_path, dtype, enforce_eager, gpu_memory_utilization, trust_remote_code, seed
         )
         log.info("vllm judge: %s, %s", model_path, dtype)
 
@@ -90,47 +69,30 @@ class VllmJudge:
             temperature=0.0, max_tokens=tokens, logprobs=TOP_LOGPROBS_FALLBACK if ids else None
         )
 
+    def _fall_back(self, ids: dict[str, int]) -> bool:
+        """vLLM refused the sampling parameters: when they asked for `logprob_token_ids`, ask
+        for the top-20 log-probabilities from now on and say to retry."""
+        if not (ids and self._token_ids_supported):
+            return False
+        log.warning("vLLM refused logprob_token_ids; using top-%d", TOP_LOGPROBS_FALLBACK)
+        self._token_ids_supported = False
+        return True
+
     def judge(
         self, prompts: Sequence[list[dict[str, str]]], score_tokens: Sequence[str]
     ) -> list[JudgeReply]:
-        if self.llm is None:
-            raise RuntimeError("the vLLM judge is closed")
+        self._check_open()
         ids = score_token_ids(self.tokenizer, score_tokens)
         generate = self.always_generate or not ids
-        encoded = [render_chat(self.tokenizer, p) for p in prompts]
-        todo = [i for i, e in enumerate(encoded) if 0 < len(e) <= self.max_length]
+        completions = self._completions(
+            prompts, lambda: self._params(ids, generate), lambda: self._fall_back(ids)
+        )
         replies = [JudgeReply("", None) for _ in prompts]
-        if not todo:
-            return replies
-        inputs = [{"prompt_token_ids": encoded[i]} for i in todo]
-        try:
-            outputs = self.llm.generate(inputs, self._params(ids, generate), use_tqdm=False)
-        except (TypeError, ValueError, NotImplementedError):
-            if not (ids and self._token_ids_supported):
-                raise
-            log.warning("vLLM refused logprob_token_ids; using top-%d", TOP_LOGPROBS_FALLBACK)
-            self._token_ids_supported = False
-            outputs = self.llm.generate(inputs, self._params(ids, generate), use_tqdm=False)
-        if len(outputs) != len(todo):
-            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(todo)} prompts")
         by_id = {v: k for k, v in ids.items()}
-        for i, out in zip(todo, outputs, strict=True):
-            if list(out.prompt_token_ids) != encoded[i]:
-                raise RuntimeError(f"vLLM output {out.request_id} is not prompt {i}")
-            completion = out.outputs[0]
+        for i, completion in completions.items():
             score: dict[str, float] | None = None
             if ids and completion.logprobs:
                 first = completion.logprobs[0]
                 score = {by_id[tid]: float(lp.logprob) for tid, lp in first.items() if tid in by_id}
             replies[i] = JudgeReply(text=completion.text, score_logprobs=score or None)
         return replies
-
-    def close(self) -> None:
-        llm, self.llm = self.llm, None
-        workdir, self._workdir = self._workdir, None
-        shutdown_engine(llm, self.on_gpu, workdir)
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            if getattr(self, "llm", None) is not None or getattr(self, "_workdir", None):
-                self.close()

@@ -15,19 +15,16 @@ and the benchmark compare against.
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from engine.backends import hf
 from engine.signals.lm import ScoredSequence
 
 log = logging.getLogger(__name__)
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Rows of the output head computed at once: bounds the float32 logits to rows x vocabulary
 # (1024 x 49,152 x 4 bytes = 200 MB for SmolLM2, twice that with the log_softmax output).
@@ -36,40 +33,6 @@ HEAD_CHUNK_ROWS = 1024
 # A sequence joins a batch only if the batch's padded width exceeds its length by at most this
 # fraction: on CPU every padded position costs as much as a real one.
 PAD_TOLERANCE = 0.1
-
-
-def cpu_supports_bf16() -> bool:
-    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX), not by emulation."""
-    try:
-        import torch.cpu
-
-        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
-            return True
-    except (AttributeError, RuntimeError):
-        pass
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
-
-
-def resolve_dtype(dtype: str, device: Any) -> Any:
-    """The torch dtype for a backend `dtype` setting; "auto" picks bfloat16 where it is native
-    (CUDA with bf16, or a CPU with AVX512-BF16/AMX), else float32."""
-    import torch
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype == "auto":
-        if torch.device(device).type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    return getattr(torch, dtype)
 
 
 def base_model_of(model: Any) -> Any:
@@ -95,10 +58,12 @@ def _check_sequence(seq: ScoredSequence) -> None:
         )
 
 
-class TransformersScorer:
-    """`TokenScorer` on a transformers CausalLM (see the module docstring)."""
+class TransformersScorer(hf.TransformersBackend):
+    """`TokenScorer` on a transformers CausalLM (see the module docstring). Runs on the CPU
+    unless `use_gpu` (and torch sees a GPU)."""
 
     name = "transformers"
+    _held = ("head", "decoder", "model")
 
     def __init__(
         self,
@@ -107,21 +72,12 @@ class TransformersScorer:
         max_batch_tokens: int = 8192,
         trust_remote_code: bool = False,
         num_threads: int | None = None,
+        use_gpu: bool = False,
     ) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be positive")
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = resolve_dtype(dtype, self.device)
         self.max_batch_tokens = max_batch_tokens
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=self.dtype, trust_remote_code=trust_remote_code
-        )
-        self.model = model.to(self.device).eval()
+        self._load_model(model_path, dtype, use_gpu, num_threads, trust_remote_code)
         self.decoder = base_model_of(self.model)
         self.head = self.model.get_output_embeddings()
         if self.head is None:
@@ -199,8 +155,7 @@ class TransformersScorer:
     def token_nll(self, sequences: Sequence[ScoredSequence]) -> list[np.ndarray]:
         import torch
 
-        if not hasattr(self, "model"):
-            raise RuntimeError("the transformers scorer is closed")
+        self._check_open()
         for seq in sequences:
             _check_sequence(seq)
         result: list[np.ndarray] = [np.zeros(0, dtype=np.float64) for _ in sequences]
@@ -242,16 +197,6 @@ class TransformersScorer:
             del logits, logp
         values = nll.double().cpu().numpy()
         return [part.copy() for part in np.split(values, np.cumsum(counts)[:-1])]
-
-    def close(self) -> None:
-        import torch
-
-        for attr in ("head", "decoder", "model"):
-            if hasattr(self, attr):
-                delattr(self, attr)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def reference_token_nll(model: Any, sequences: Sequence[ScoredSequence]) -> list[np.ndarray]:

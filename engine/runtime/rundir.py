@@ -13,18 +13,41 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; renamed onto `path` only if the block ends
+    without an error, so a reader never sees half a file and a crash leaves the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """An open file whose content replaces `path` atomically when the block ends (atomic_path)."""
+    encoding = None if "b" in mode else "utf-8"
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding) as handle:
+        yield handle
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+    with atomic_write(path) as handle:
         json.dump(data, handle, indent=2, ensure_ascii=False, default=str)
         handle.write("\n")
-    os.replace(tmp, path)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -69,6 +92,11 @@ class RunDir:
     def records(self) -> Path:
         return self.root / "records"
 
+    @property
+    def logs(self) -> Path:
+        """Spark's, Ray's and the model libraries' logs (the console shows progress only)."""
+        return self.root / "logs"
+
     def signal(self, name: str) -> Path:
         return self.root / "signals" / name
 
@@ -98,6 +126,14 @@ class RunDir:
 
     def clear(self, stage: str) -> None:
         self._marker(stage).unlink(missing_ok=True)
+
+    def write_sidecar(self, name: str, table: Any) -> Path:
+        """A signal stage's sidecar `signals/<name>/`, replacing any earlier one."""
+        import pyarrow.parquet as pq
+
+        folder = self.reset_dir(self.signal(name))
+        pq.write_table(table, folder / "part-00000.parquet")
+        return folder
 
     @staticmethod
     def remove(*paths: Path) -> None:

@@ -45,19 +45,24 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
+from engine import reasons
 from engine.signals.judge_schema import DEITA_PAIR, judge_fields, judge_schema
+from engine.signals.turns import scorable_turns
+
+if TYPE_CHECKING:
+    from engine.backends.base import JudgeBackend
 
 Aggregation = Literal["mean", "min", "max", "first", "last", "sum"]
 AGGREGATIONS: tuple[str, ...] = ("mean", "min", "max", "first", "last", "sum")
 
-REASON_UNPARSED = "judge_unparsed"
-REASON_NO_TURN = "judge_no_turn"  # no assistant turn with a user turn before it
-REASON_INJECTION = "judge_injection"  # record text addresses the grader: lowest score, no call
+REASON_UNPARSED = reasons.JUDGE_UNPARSED
+REASON_NO_TURN = reasons.JUDGE_NO_TURN
+REASON_INJECTION = reasons.JUDGE_INJECTION
 
 CHARS_PER_TOKEN = 3  # conservative for English BPE (≈4 chars/token); code and CJK use fewer
 PROMPT_RESERVE_TOKENS = 320  # system prompt, fences and the repeated rating instruction
@@ -291,30 +296,21 @@ def plan_judge_turns(
     empty answer are skipped (they keep their place in the numbering, as in LM scoring)."""
     turns: list[JudgeTurn] = []
     for r, conversation in enumerate(conversations):
-        turn = 0
-        for i, message in enumerate(conversation):
-            if message["role"] != "assistant":
-                continue
-            if max_turns is not None and turn >= max_turns:
-                break
-            users = [j for j in range(i) if conversation[j]["role"] == "user"]
-            if message["content"].strip() and users:
-                u = users[-1]
-                earlier = [
-                    {"role": m["role"], "content": m["content"]}
-                    for m in conversation[:u]
-                    if m["role"] in ("user", "assistant", "system")
-                ][-CONTEXT_MESSAGES:]
-                turns.append(
-                    JudgeTurn(
-                        record=r,
-                        turn=turn,
-                        instruction=conversation[u]["content"],
-                        response=message["content"],
-                        context=tuple(earlier),
-                    )
+        for t in scorable_turns(conversation, max_turns):
+            earlier = [
+                {"role": m["role"], "content": m["content"]}
+                for m in conversation[: t.user_index]
+                if m["role"] in ("user", "assistant", "system")
+            ][-CONTEXT_MESSAGES:]
+            turns.append(
+                JudgeTurn(
+                    record=r,
+                    turn=t.turn,
+                    instruction=conversation[t.user_index]["content"],
+                    response=conversation[t.index]["content"],
+                    context=tuple(earlier),
                 )
-            turn += 1
+            )
     return turns
 
 
@@ -534,3 +530,39 @@ def judge_table(ids: Sequence[str], columns: Mapping[str, list], names: Sequence
         q, c = (columns[f"judge_{n}_turns"] for n in DEITA_PAIR)
         data["judge_deita_score"] = [deita_score(a, b) for a, b in zip(q, c, strict=True)]
     return pa.table(data, schema=schema)
+
+
+def score_batch(
+    backend: JudgeBackend,
+    judges: Sequence[JudgeDefinition],
+    conversations: Sequence[Sequence[Mapping[str, str]]],
+    needed: Sequence[set[str]] | None,
+    max_length: int,
+    max_turns: int | None,
+) -> dict[str, list]:
+    """Judge columns for a batch of conversations: per judge, only the records that need it
+    (others get null score, turns and reason). One backend call per judge; turns the injection
+    screen flags are not sent and get the scale's lowest score."""
+    n = len(conversations)
+    turns = plan_judge_turns(conversations, max_turns)
+    columns: dict[str, list] = {}
+    for judge in judges:
+        wanted = [r for r in range(n) if needed is None or judge.name in needed[r]]
+        wanted_set = set(wanted)
+        judge_turns = [t for t in turns if t.record in wanted_set]
+        texts = [(t.instruction, t.response if judge.rates_response else "") for t in judge_turns]
+        flagged = [addresses_grader(*pair) for pair in texts]
+        asked = [t for t, f in zip(judge_turns, flagged, strict=True) if not f]
+        prompts = [build_prompt(judge, t, max_length) for t in asked]
+        replies = iter(backend.judge(prompts, judge.score_tokens) if prompts else [])
+        scores = []
+        for is_flagged in flagged:
+            if is_flagged:
+                scores.append(float(judge.scale[0]))
+            else:
+                reply = next(replies)
+                scores.append(turn_score(reply.text, reply.score_logprobs, judge.scale))
+        full = record_columns(judge, n, judge_turns, scores, flagged)
+        for name, values in full.items():
+            columns[name] = [v if r in wanted_set else None for r, v in enumerate(values)]
+    return columns

@@ -27,6 +27,9 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from engine import reasons
+from engine.signals.turns import scorable_turns
+
 Template = Literal["alpaca", "plain", "chat"]
 
 ALPACA_PROMPT = (
@@ -115,33 +118,24 @@ def plan_turns(
     start = start_token(tokenizer)
     plans = []
     for r, conversation in enumerate(conversations):
-        turn = 0
-        for i, message in enumerate(conversation):
-            if message["role"] != "assistant":
-                continue
-            if max_turns is not None and turn >= max_turns:
-                break
-            history = conversation[:i]
-            if not message["content"].strip() or not any(m["role"] == "user" for m in history):
-                turn += 1
-                continue
+        for t in scorable_turns(conversation, max_turns):
+            history = conversation[: t.index]
             prompt = tokenizer(
                 render_prompt(tokenizer, history, template), add_special_tokens=False
             )
-            answer = tokenizer(message["content"], add_special_tokens=False)
+            answer = tokenizer(conversation[t.index]["content"], add_special_tokens=False)
             # A prompt that renders to no tokens still needs one context token to score from.
             p, a, truncated = fit(prompt["input_ids"] or [start], answer["input_ids"], max_length)
             if a:
                 plans.append(
                     TurnPlan(
                         record=r,
-                        turn=turn,
+                        turn=t.turn,
                         cond=ScoredSequence(p + a, len(p)),
                         direct=ScoredSequence([start, *a], 1),
                         truncated=truncated,
                     )
                 )
-            turn += 1
     return plans
 
 
@@ -184,7 +178,7 @@ def record_signals(
             out["truncated"].append(False)
             out["lm_turns"].append(0)
             out["turn_ifd"].append([])
-            out["lm_reason"].append("no_scorable_answer")
+            out["lm_reason"].append(reasons.NO_SCORABLE_ANSWER)
             continue
         pooled = turn_signals(
             np.concatenate([cond_nll[k] for k in turns]),

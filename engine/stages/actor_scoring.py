@@ -1,19 +1,23 @@
-"""Ray actor-pool scoring: the Spark → Parquet → Ray → Parquet hand-off every model signal uses.
+"""The one actor driver: the Spark → Parquet → Ray → Parquet hand-off every model-backed stage uses.
 
-A model-backed signal is a class whose instances hold one model and map a batch of
-`(id, conversation)` to a batch of signal columns keyed by `id`. The driver here:
+A model-backed stage hands over an `ActorPool`: an actor class whose instances hold one model
+and map a batch of `(id, conversation[, needs])` to a batch of output columns keyed by `id`, the
+stage's resources, and its output parts — one part per score cache (the judge stage has one per
+judge, every other stage one). The driver:
   1. lists the unique records Spark wrote (exact duplicates share an id: one is scored),
-  2. takes what the score cache already holds for the scorer's fingerprint,
-  3. writes the rest to `_work/<stage>_input` and runs the class on a Ray Data actor pool sized
-     by the stage's `ActorSpec` (CPUs, GPUs, pool size, batch size); Ray Data replaces an actor
-     that dies and retries its batch, and a batch's output only counts once it completed,
-  4. stores the new rows in the cache and writes the sidecar `signals/<stage>/` (cached + new),
-     checking that every unique id is there exactly once.
+  2. looks every part's cache up (keyed by the stage's settings fingerprint),
+  3. writes the records some part still lacks to `_work/<stage>_input` — with a `needs` column
+     naming those parts when there are several — and streams them through a Ray Data actor
+     pool sized by the resources (CPUs, GPUs, pool size, batch size); Ray Data replaces an
+     actor that dies and retries its batch, and a batch only counts once it completed,
+  4. adds each part's new rows (only those it was asked for) to its cache and returns every
+     part as one table in unique-id order, after checking that every id is there exactly once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,107 +27,202 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from engine.cache import ScoreCache
-from engine.config import ActorSpec
 from engine.runtime.rundir import RunDir
+from engine.stages.contract import ActorResources, StageContext
+
+NEEDS = "needs"
+Progress = Callable[[str, int | None], Callable[[int], None]]
 
 
 class PlacementError(ValueError):
     """An actor pool the cluster cannot hold; names the config fields to change."""
 
 
-def check_placement(spec: ActorSpec, stage: str, cluster_cpus: float) -> None:
+def check_placement(resources: ActorResources, stage: str, cluster_cpus: float) -> None:
     """Refuse a pool that would hold every CPU: Ray Data's read tasks could never be scheduled."""
-    wanted = spec.num_cpus * spec.concurrency
+    wanted = resources.num_cpus * resources.concurrency
     if wanted >= cluster_cpus:
         raise PlacementError(
-            f"stages.{stage}: {spec.concurrency} actors x {spec.num_cpus} CPUs = {wanted} "
-            f"would hold all {cluster_cpus:g} CPUs of the Ray cluster and starve its read tasks; "
-            f"lower stages.{stage}.concurrency or num_cpus (fractions are allowed)"
+            f"stages.{stage}.resources: {resources.concurrency} actors x {resources.num_cpus} "
+            f"CPUs = {wanted} would hold all {cluster_cpus:g} CPUs of the Ray cluster and starve "
+            f"its read tasks; lower stages.{stage}.resources.concurrency or num_cpus "
+            "(fractions are allowed)"
         )
 
 
 @dataclass(frozen=True)
-class ActorStage:
-    """What a model-backed stage declares; the driver decides the rest."""
+class ActorPool:
+    """What a model-backed stage hands the driver; the driver decides the rest."""
 
     name: str
     actor_cls: type
     constructor_kwargs: dict[str, Any]
-    spec: ActorSpec
-    schema: pa.Schema  # output columns, `id` first
-    cache: ScoreCache | None = None
+    resources: ActorResources
+    parts: dict[str, pa.Schema]  # part -> its columns, `id` first; one cache per part
+    caches: dict[str, ScoreCache] = field(default_factory=dict)  # parts with caching on
 
 
-def _unique_ids(records: Path) -> list[str]:
+@dataclass
+class PoolResult:
+    ids: list[str]
+    tables: dict[str, pa.Table]  # part -> rows in `ids` order
+    cache_hits: dict[str, int]
+    cache_misses: dict[str, int]
+    todo: int  # records sent to the actor pool
+
+    def info(self) -> dict[str, Any]:
+        """The manifest's counts: totals, and per part when there are several."""
+        out: dict[str, Any] = {
+            "rows": len(self.ids),
+            "cache_hits": sum(self.cache_hits.values()),
+            "cache_misses": sum(self.cache_misses.values()),
+        }
+        if len(self.tables) > 1:
+            out["parts"] = {
+                part: {"cache_hits": self.cache_hits[part], "cache_misses": self.cache_misses[part]}
+                for part in self.tables
+            }
+        return out
+
+
+def unique_ids(records: Path) -> list[str]:
     table = ds.dataset(str(records), format="parquet").to_table(
         columns=["id"], filter=pc.field("dup_of").is_null()
     )
     return table["id"].to_pylist()
 
 
-def _write_input(records: Path, target: Path, skip: pa.Array) -> int:
-    """Unique records not yet scored, as (id, conversation) Parquet for Ray to read."""
-    condition = pc.field("dup_of").is_null()
-    if len(skip):
-        condition = condition & ~pc.field("id").isin(skip)
-    scanner = ds.dataset(str(records), format="parquet").scanner(
-        columns=["id", "conversation"], filter=condition
-    )
+def _write_input(records: Path, target: Path, needs: dict[str, list[str]], multi: bool) -> int:
+    """The unique records some part still lacks (with the parts each needs, if several)."""
     RunDir.reset_dir(target)
+    if not needs:
+        return 0
+    scanner = ds.dataset(str(records), format="parquet").scanner(
+        columns=["id", "conversation"],
+        filter=pc.field("dup_of").is_null() & pc.field("id").isin(pa.array(list(needs))),
+    )
+    schema = scanner.projected_schema
+    if multi:
+        schema = schema.append(pa.field(NEEDS, pa.list_(pa.string())))
     rows = 0
-    with pq.ParquetWriter(target / "input.parquet", scanner.projected_schema) as writer:
+    with pq.ParquetWriter(target / "input.parquet", schema) as writer:
         for batch in scanner.to_batches():
-            if batch.num_rows:
-                writer.write_batch(batch)
-                rows += batch.num_rows
+            if not batch.num_rows:
+                continue
+            if multi:
+                wanted = [needs[i] for i in batch.column("id").to_pylist()]
+                batch = pa.RecordBatch.from_arrays(
+                    [*batch.columns, pa.array(wanted, pa.list_(pa.string()))], schema=schema
+                )
+            writer.write_batch(batch)
+            rows += batch.num_rows
     return rows
 
 
-def _score_with_ray(stage: ActorStage, source: Path, output: Path, rows: int) -> None:
+def _score_with_ray(
+    pool: ActorPool, source: Path, output: Path, rows: int, advance: Callable[[int], None]
+) -> None:
+    """Stream the input through the actor pool; results land in one Parquet file as they come."""
     import ray
 
-    spec = stage.spec
+    res = pool.resources
+    check_placement(res, pool.name, float(ray.cluster_resources().get("CPU", 0)))
     dataset = ray.data.read_parquet(str(source))
     # One input file: split it so every actor gets work.
-    blocks = max(4 * spec.concurrency, min(64, rows // max(spec.batch_size, 1) + 1))
-    dataset = dataset.repartition(blocks)
-    scored = dataset.map_batches(
-        stage.actor_cls,
-        fn_constructor_kwargs=stage.constructor_kwargs,
-        compute=ray.data.ActorPoolStrategy(size=spec.concurrency),
-        num_cpus=spec.num_cpus,
-        num_gpus=spec.num_gpus,
-        batch_size=spec.batch_size,
+    blocks = max(4 * res.concurrency, min(64, rows // max(res.batch_size, 1) + 1))
+    scored = dataset.repartition(blocks).map_batches(
+        pool.actor_cls,
+        fn_constructor_kwargs=pool.constructor_kwargs,
+        compute=ray.data.ActorPoolStrategy(size=res.concurrency),
+        num_cpus=res.num_cpus,
+        num_gpus=res.num_gpus,
+        batch_size=res.batch_size,
         batch_format="pyarrow",
     )
-    scored.write_parquet(str(output))
+    writer: pq.ParquetWriter | None = None
+    try:
+        for batch in scored.iter_batches(batch_format="pyarrow", batch_size=None):
+            table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+            if writer is None:
+                writer = pq.ParquetWriter(output / "part-00000.parquet", table.schema)
+            writer.write_table(table.cast(writer.schema))
+            advance(table.num_rows)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
-def run_actor_stage(stage: ActorStage, run: RunDir) -> dict[str, Any]:
-    """Score every unique record (cache first, then Ray); returns counts for the manifest."""
-    ids = _unique_ids(run.records)
-    cached = stage.cache.lookup(ids) if stage.cache is not None else stage.schema.empty_table()
-    work = run.work(f"{stage.name}_input")
-    todo = _write_input(run.records, work, cached["id"].combine_chunks())
-    fresh_dir = RunDir.reset_dir(run.work(f"{stage.name}_scored"))
+def run_actor_pool(pool: ActorPool, run: RunDir, progress: Progress) -> PoolResult:
+    """Score every unique record (caches first, then Ray); see the module docstring.
+    `progress(description, total)` returns the callback that advances the stage's bar."""
+    ids = unique_ids(run.records)
+    advance = progress(pool.name, len(ids))
+    cached: dict[str, pa.Table] = {}
+    needs: dict[str, list[str]] = {}
+    for part, schema in pool.parts.items():
+        cache = pool.caches.get(part)
+        cached[part] = cache.lookup(ids).cast(schema) if cache else schema.empty_table()
+        have = set(cached[part]["id"].to_pylist())
+        for record_id in ids:
+            if record_id not in have:
+                needs.setdefault(record_id, []).append(part)
+    advance(len(ids) - len(needs))
+    work = run.work(f"{pool.name}_input")
+    todo = _write_input(run.records, work, needs, multi=len(pool.parts) > 1)
+    fresh_dir = RunDir.reset_dir(run.work(f"{pool.name}_scored"))
     if todo:
-        _score_with_ray(stage, work, fresh_dir, todo)
+        _score_with_ray(pool, work, fresh_dir, todo, advance)
     files = sorted(fresh_dir.glob("*.parquet"))
-    fresh = (
-        pa.concat_tables([pq.read_table(f) for f in files]).select(stage.schema.names)
-        if files
-        else stage.schema.empty_table()
-    ).cast(stage.schema)
-    if stage.cache is not None:
-        stage.cache.add(fresh)
-    sidecar = pa.concat_tables([cached.cast(stage.schema), fresh])
-    got = sidecar["id"].to_pylist()
-    if len(got) != len(ids) or set(got) != set(ids):
-        raise RuntimeError(
-            f"{stage.name}: {len(ids)} unique records but {len(got)} scored rows "
-            f"({len(set(got))} distinct ids): rows were lost or scored twice"
+    fresh = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+
+    tables: dict[str, pa.Table] = {}
+    misses: dict[str, int] = {}
+    fresh_ids = fresh["id"].to_pylist() if fresh is not None else []
+    for part, schema in pool.parts.items():
+        asked = [i for i, rid in enumerate(fresh_ids) if part in needs.get(rid, ())]
+        new_rows = (
+            fresh.select(schema.names).take(pa.array(asked, pa.int64())).cast(schema)
+            if fresh is not None
+            else schema.empty_table()
         )
-    output = RunDir.reset_dir(run.signal(stage.name))
-    pq.write_table(sidecar, output / "part-00000.parquet")
+        if part in pool.caches:
+            pool.caches[part].add(new_rows)
+        rows = pa.concat_tables([cached[part], new_rows])
+        got = rows["id"].to_pylist()
+        if len(got) != len(ids) or set(got) != set(ids):
+            label = pool.name if part == pool.name else f"{pool.name} {part}"
+            raise RuntimeError(
+                f"{label}: {len(ids)} unique records but {len(got)} scored rows "
+                f"({len(set(got))} distinct ids): rows were lost or scored twice"
+            )
+        position = {rid: k for k, rid in enumerate(got)}
+        tables[part] = rows.take(pa.array([position[rid] for rid in ids], pa.int64()))
+        misses[part] = len(asked)
     RunDir.remove(work, fresh_dir)
-    return {"rows": len(ids), "cache_hits": cached.num_rows, "cache_misses": todo}
+    hits = {part: cached[part].num_rows for part in pool.parts}
+    return PoolResult(ids, tables, hits, misses, todo)
+
+
+def score_records(
+    ctx: StageContext, actor_cls: type, constructor_kwargs: dict[str, Any], schema: pa.Schema
+) -> dict[str, Any]:
+    """The common case: one model, one output part, the stage's own cache (when its block has
+    `cache:` and it is enabled), written to `signals/<stage>/`. Returns the manifest's facts:
+    counts, the model and the fingerprint the cache keys on."""
+    spec, name = ctx.spec, ctx.stage.name
+    key = ctx.stage.fingerprint(ctx.job)
+    cache = getattr(spec, "cache", None)
+    caches = {}
+    if cache is not None and cache.enabled:
+        caches[name] = ScoreCache(cache.dir, key, schema)
+    pool = ActorPool(
+        name=name,
+        actor_cls=actor_cls,
+        constructor_kwargs=constructor_kwargs,
+        resources=spec.resources,
+        parts={name: schema},
+        caches=caches,
+    )
+    result = run_actor_pool(pool, ctx.run, ctx.progress)
+    ctx.run.write_sidecar(name, result.tables[name])
+    return {**result.info(), "model": spec.model, "fingerprint": key}

@@ -14,7 +14,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from engine.runtime.rundir import RunDir
+from engine.runtime.rundir import atomic_write
+from engine.stages.contract import Stage, StageContext
 
 
 def export_record(original: str, record_id: str) -> str:
@@ -36,17 +37,16 @@ def export_ids(records: Path, ids: list[str], target: Path) -> int:
         columns=["id", "source_index", "row", "original"],
         filter=pc.field("dup_of").is_null() & pc.field("id").isin(pa.array(ids, pa.string())),
     ).sort_by([("source_index", "ascending"), ("row", "ascending")])
-    tmp = target.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with atomic_write(target) as handle:
         for record_id, original in zip(
             table["id"].to_pylist(), table["original"].to_pylist(), strict=True
         ):
             handle.write(export_record(original, record_id) + "\n")
-    tmp.replace(target)
     return table.num_rows
 
 
-def run_export(run: RunDir) -> dict:
+def run_export(ctx: StageContext) -> dict:
+    run = ctx.run
     scores = pq.read_table(run.scores, columns=["id", "selected", "random_baseline"]).to_pandas()
     selected = scores.loc[scores["selected"], "id"].tolist()
     baseline = scores.loc[scores["random_baseline"], "id"].tolist()
@@ -58,3 +58,14 @@ def run_export(run: RunDir) -> dict:
             f"{written_baseline}/{len(baseline)} baseline rows written"
         )
     return {"selected_rows": written, "random_baseline_rows": written_baseline}
+
+
+STAGE = Stage(
+    name="export",
+    version=1,
+    engine="driver",
+    reads=("scores.parquet", "records"),
+    writes=("selected.jsonl", "random_baseline.jsonl"),
+    run=run_export,
+    description="selected rows and the random baseline, in their input format",
+)

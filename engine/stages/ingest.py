@@ -16,18 +16,22 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from pathlib import Path as _Path
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.config import JobSpec
 from engine.parse import PARSED_SCHEMA, RAW_SCHEMA, parse_batch
 from engine.readers.framing import FrameStats, RawRecord
 from engine.readers.sources import Source, frame_source, resolve_source
 from engine.records import detect_schema
-from engine.runtime.rundir import RunDir
-from engine.signals.registry import INDICATOR_COLUMNS
+from engine.runtime.rundir import RunDir, atomic_write
+from engine.signals.indicators import INDICATOR_COLUMNS, INDICATOR_SCHEMA
+from engine.stages.contract import Stage, StageContext
+
+if TYPE_CHECKING:
+    from engine.config import JobSpec
 
 SCHEMA_SNIFF_ROWS = 200
 
@@ -152,27 +156,16 @@ def frame_inputs(
     return sources, reports
 
 
-def _parse_partitions(schemas: dict[int, str | None]) -> Callable[[Iterator[Any]], Iterator[Any]]:
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            yield parse_batch(batch, schemas)
-
-    return run
-
-
-def run_ingest(
-    job: JobSpec,
-    run: RunDir,
-    spark: Any,
-    progress: Callable[[str, int | None], Callable[[int], None]],
-    log: Callable[[str], None],
-) -> dict[str, Any]:
+def run_ingest(ctx: StageContext) -> dict[str, Any]:
     """Run the whole ingest stage; returns the facts the manifest needs."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
-    from pyspark.sql.pandas.types import from_arrow_schema
 
-    sources, reports = frame_inputs(job, run, progress)
+    from engine.runtime.spark import map_arrow
+
+    job, run, spark, log = ctx.job, ctx.run, ctx.spark, ctx.log
+    with ctx.phase("frame"):
+        sources, reports = frame_inputs(job, run, ctx.progress)
     schemas = {i: report.schema for i, report in enumerate(reports)}
     for report in reports:
         for warning in report.warnings:
@@ -187,9 +180,10 @@ def run_ingest(
     raw = raw.repartition(partitions)
     # Parse once into Parquet; every later step reads only the columns it needs from there.
     parsed_dir = str(run.work("parsed"))
-    raw.mapInArrow(_parse_partitions(schemas), from_arrow_schema(PARSED_SCHEMA)).write.mode(
-        "overwrite"
-    ).parquet(parsed_dir)
+    with ctx.phase("parse"):
+        map_arrow(raw, lambda batch: parse_batch(batch, schemas), PARSED_SCHEMA).write.mode(
+            "overwrite"
+        ).parquet(parsed_dir)
     parsed = spark.read.parquet(parsed_dir)
 
     quarantine_reasons: Counter[str] = Counter()
@@ -199,7 +193,7 @@ def run_ingest(
         .select("source_index", "row", "reason", "excerpt")
         .orderBy("source_index", "row")
     )
-    with open(run.quarantine, "w", encoding="utf-8") as handle:
+    with ctx.phase("quarantine"), atomic_write(run.quarantine) as handle:
         for item in quarantined.toLocalIterator():
             name = sources[item["source_index"]].name
             quarantine_reasons[item["reason"]] += 1
@@ -211,33 +205,34 @@ def run_ingest(
     # Exact duplicates: rank on the small key columns only, then join the (few) later copies
     # back, instead of shuffling whole conversations through a window.
     ok = parsed.filter(F.col("status") == "ok")
-    first = Window.partitionBy("id").orderBy("source_index", "row")
-    copies = (
-        ok.select("id", "source_index", "row")
-        .withColumn("_rank", F.row_number().over(first))
-        .filter(F.col("_rank") > 1)
-        .select("source_index", "row", F.col("id").alias("dup_of"))
-    )
-    copies.write.mode("overwrite").parquet(str(run.work("copies")))
-    copies = spark.read.parquet(str(run.work("copies")))
-    duplicates = copies.count()
-    source_names = F.create_map(
-        *[item for i, s in enumerate(sources) for item in (F.lit(i), F.lit(s.name))]
-    )
-    ok.join(copies, on=["source_index", "row"], how="left").select(
-        "id",
-        source_names[F.col("source_index")].alias("source"),
-        "source_index",
-        "row",
-        "dup_of",
-        "schema",
-        "conversation",
-        "original",
-    ).write.mode("overwrite").parquet(str(run.records))
-    ok.join(copies, on=["source_index", "row"], how="left_anti").select(
-        "id", *INDICATOR_COLUMNS
-    ).write.mode("overwrite").parquet(str(run.signal("indicators")))
-    ingested = ok.count()
+    with ctx.phase("exact_dedup_and_write"):
+        first = Window.partitionBy("id").orderBy("source_index", "row")
+        copies = (
+            ok.select("id", "source_index", "row")
+            .withColumn("_rank", F.row_number().over(first))
+            .filter(F.col("_rank") > 1)
+            .select("source_index", "row", F.col("id").alias("dup_of"))
+        )
+        copies.write.mode("overwrite").parquet(str(run.work("copies")))
+        copies = spark.read.parquet(str(run.work("copies")))
+        duplicates = copies.count()
+        source_names = F.create_map(
+            *[item for i, s in enumerate(sources) for item in (F.lit(i), F.lit(s.name))]
+        )
+        ok.join(copies, on=["source_index", "row"], how="left").select(
+            "id",
+            source_names[F.col("source_index")].alias("source"),
+            "source_index",
+            "row",
+            "dup_of",
+            "schema",
+            "conversation",
+            "original",
+        ).write.mode("overwrite").parquet(str(run.records))
+        ok.join(copies, on=["source_index", "row"], how="left_anti").select(
+            "id", *INDICATOR_COLUMNS
+        ).write.mode("overwrite").parquet(str(run.signal("indicators")))
+        ingested = ok.count()
     RunDir.remove(run.work("raw"), run.work("parsed"), run.work("copies"))
 
     total_quarantined = sum(quarantine_reasons.values())
@@ -247,6 +242,12 @@ def run_ingest(
             f"{total_quarantined} quarantined"
         )
     sample = job.ingest.sample
+    if sample is not None:
+        framed = sum(report.framed_rows for report in reports)
+        log(
+            f"[yellow]sampled:[/] {input_rows} of {framed} rows (fraction {sample.fraction}, "
+            f"max_rows {sample.max_rows}); run without sampling for the full corpus"
+        )
     return {
         "input": input_rows,
         "ingested": ingested,
@@ -265,3 +266,45 @@ def run_ingest(
             "kept_rows": input_rows,
         },
     }
+
+
+def input_state(job: JobSpec) -> list[dict[str, Any]]:
+    """What identifies each input's content cheaply: resolved path, sizes and mtimes of its files.
+
+    An edited file re-runs ingest; a hub dataset is identified by its name (and split).
+    """
+    state = []
+    for spec in job.inputs:
+        path = _Path(spec.path)
+        if path.exists():
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+            state.append({"path": str(path.resolve()), "files": stats})
+        else:
+            state.append({"path": spec.path})
+    return state
+
+
+def ingest_settings(job: JobSpec) -> dict[str, Any]:
+    """Ingest's numbers depend on the inputs (and their content), the ingest block and the seed
+    (sampling)."""
+    config = job.model_dump(mode="json", include={"inputs", "ingest"})
+    return {
+        "inputs": config["inputs"],
+        "input_state": input_state(job),
+        "ingest": config["ingest"],
+        "seed": job.seed,
+    }
+
+
+STAGE = Stage(
+    name="ingest",
+    version=2,
+    engine="spark",
+    reads=("inputs",),
+    writes=("records", "signals/indicators", "quarantine.jsonl"),
+    run=run_ingest,
+    settings_of=ingest_settings,
+    schema=INDICATOR_SCHEMA,
+    description="frame, parse, normalise, quarantine, exact dedup, indicators",
+)

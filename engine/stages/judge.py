@@ -1,162 +1,190 @@
 """LLM-judge stage: every enabled `judge.<name>` with one model on a Ray actor pool, cached per
 judge.
 
-Each judge has its own score cache (fingerprint = the judge's definition and version, the model
-with the built-in package's version, revision, backend family, dtype, max_length, max_turns), so
-enabling another judge later scores only that judge. The driver (a judge-specific variant of
-`engine.stages.actor_scoring.run_actor_stage`, reusing its helpers):
-  1. lists the unique records; looks every judge's cache up;
-  2. writes the records some judge still lacks to `_work/judge_input`, each with the list of the
-     judges it needs (`judges` column), and runs `JudgeActor` over them on the actor pool;
-  3. adds each judge's new rows (only those it was asked for) to its cache, joins cached and new
-     rows into one sidecar `signals/judge/` by id (plus `judge_deita_score` when both DEITA
-     judges run) and checks that every unique id is there exactly once.
+Each judge is one part of the actor driver (engine.stages.actor_scoring) with a cache of its own,
+so enabling another judge later scores only that judge. A judge's cache key comes from the
+stage's settings less what cannot change that judge's numbers (the other judges, the backend
+within a family: transformers and vLLM both give log-probabilities and share answers; the
+endpoint), plus the judge's own definition. The judging arithmetic lives in
+engine.signals.judge (`score_batch`); this module only wires it to the actor pool.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from importlib import metadata
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
+from pydantic import Field, field_validator, model_validator
 
-from engine.cache import ScoreCache, default_score_cache
-from engine.config import JobSpec, JudgeStageSpec
-from engine.models import BUILTIN_MODELS, cache_root, resolve_model
-from engine.runtime.rundir import RunDir, fingerprint
+from engine.cache import ScoreCache
+from engine.runtime.rundir import fingerprint
 from engine.signals.judge import (
     REASON_UNPARSED,
-    JudgeDefinition,
-    addresses_grader,
-    build_prompt,
     judge_definitions,
     judge_table,
-    plan_judge_turns,
-    record_columns,
-    turn_score,
+    score_batch,
 )
-from engine.signals.judge_schema import judge_fields, judge_schema
-from engine.signals.registry import judge_names
-from engine.stages.actor_scoring import ActorStage, _score_with_ray, _unique_ids, check_placement
+from engine.signals.judge_schema import BUILTIN_JUDGES, judge_fields, judge_schema
+from engine.stages.actor_scoring import NEEDS, ActorPool, run_actor_pool
+from engine.stages.contract import (
+    ActorResources,
+    CacheSpec,
+    Resources,
+    Settings,
+    StageContext,
+    StageSpec,
+    Strict,
+    _deprecated,
+    model_signal_stage,
+)
 
-# Bump when the stage's arithmetic changes (turn planning, pooling); prompts carry their own.
-JUDGE_STAGE_VERSION = 1
-STAGE = "judge"
+if TYPE_CHECKING:
+    from engine.config import JobSpec
+
+JUDGE_PREFIX = "judge."
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-def load_judge_backend(spec: JudgeStageSpec, model_path: str, num_threads: int | None = None):
-    """The backend named in the config (imported lazily: vLLM and httpx are heavy)."""
-    if spec.backend == "openai":
-        from engine.backends.judge_openai import OpenAIJudge
+def judge_names(signals: list[str]) -> list[str]:
+    return [s.split(".", 1)[1] for s in signals if s.startswith(JUDGE_PREFIX)]
 
-        key_env = spec.openai.api_key_env
-        return OpenAIJudge(
-            base_url=spec.openai.base_url,
-            model=spec.openai.model or model_path,
-            api_key=os.environ.get(key_env) if key_env else None,
-            concurrency=spec.openai.concurrency,
-            timeout_s=spec.openai.timeout_s,
-            max_retries=spec.openai.max_retries,
-            logprobs=spec.openai.logprobs,
-            max_new_tokens=spec.max_new_tokens,
-            request_cache_dir=str(cache_root() / "judge_requests"),
-        )
-    if spec.backend == "vllm":
-        from engine.backends.judge_vllm import VllmJudge
-        from engine.stages.lm import vllm_dtype
 
-        return VllmJudge(
-            model_path,
-            dtype=vllm_dtype(spec.dtype),
-            max_length=spec.max_length,
-            max_new_tokens=spec.max_new_tokens,
-            enforce_eager=spec.enforce_eager,
-            trust_remote_code=spec.trust_remote_code,
-        )
-    from engine.backends.judge_transformers import TransformersJudge
+class OpenAISettings(Settings):
+    """What an OpenAI-compatible endpoint answers with (where it lives is a resource)."""
 
-    return TransformersJudge(
-        model_path,
-        dtype=spec.dtype,
-        max_length=spec.max_length,
-        max_new_tokens=spec.max_new_tokens,
-        batch_size=spec.batch_size,
-        trust_remote_code=spec.trust_remote_code,
-        num_threads=num_threads,
+    model: str | None = Field(default=None, description="served model name (default: the model)")
+    logprobs: bool = Field(
+        default=True, description="ask for top log-probabilities (expected-value scoring)"
     )
 
 
-def score_batch(
-    backend: Any,
-    judges: list[JudgeDefinition],
-    conversations: list[list[dict[str, str]]],
-    needed: list[set[str]] | None,
-    max_length: int,
-    max_turns: int | None,
-) -> dict[str, list]:
-    """Judge columns for a batch of conversations: per judge, only the records that need it
-    (others get null score, turns and reason). One backend call per judge."""
-    n = len(conversations)
-    turns = plan_judge_turns(conversations, max_turns)
-    columns: dict[str, list] = {}
-    for judge in judges:
-        wanted = [r for r in range(n) if needed is None or judge.name in needed[r]]
-        wanted_set = set(wanted)
-        judge_turns = [t for t in turns if t.record in wanted_set]
-        texts = [(t.instruction, t.response if judge.rates_response else "") for t in judge_turns]
-        flagged = [addresses_grader(*pair) for pair in texts]
-        asked = [t for t, f in zip(judge_turns, flagged, strict=True) if not f]
-        prompts = [build_prompt(judge, t, max_length) for t in asked]
-        replies = iter(backend.judge(prompts, judge.score_tokens) if prompts else [])
-        scores = []
-        for is_flagged in flagged:  # screened turns get the scale's lowest score
-            if is_flagged:
-                scores.append(float(judge.scale[0]))
-            else:
-                reply = next(replies)
-                scores.append(turn_score(reply.text, reply.score_logprobs, judge.scale))
-        full = record_columns(judge, n, judge_turns, scores, flagged)
-        for name, values in full.items():
-            columns[name] = [v if r in wanted_set else None for r, v in enumerate(values)]
-    return columns
+class EndpointResources(Resources):
+    """Where and how hard an OpenAI-compatible endpoint is asked, not what it answers."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str | None = Field(
+        default="OPENAI_API_KEY", description="environment variable holding the key"
+    )
+    concurrency: Annotated[int, Field(ge=1)] = 8
+    timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    max_retries: Annotated[int, Field(ge=0)] = 6
+
+
+class CustomJudgeSpec(Strict):
+    """A user-defined judge: the template gets the fenced {instruction} and {response}."""
+
+    template: str
+    scale: Annotated[list[int], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [1, 10], description="[lowest, highest] integer score"
+    )
+    aggregation: Literal["mean", "min", "max", "first", "last", "sum"] = "mean"
+
+    @field_validator("template")
+    @classmethod
+    def _placeholders(cls, value: str) -> str:
+        for name in ("{instruction}", "{response}"):
+            if name not in value:
+                raise ValueError(f"template must contain {name}")
+        return value
+
+    @field_validator("scale")
+    @classmethod
+    def _ordered(cls, value: list[int]) -> list[int]:
+        if not 0 <= value[0] < value[1] <= 100:
+            raise ValueError("scale is [lowest, highest] with 0 <= lowest < highest <= 100")
+        return value
+
+
+class JudgeSettings(Settings):
+    """LLM-judge scoring; one stage runs every enabled `judge.<name>` with one model."""
+
+    model: str = "builtin:smollm2-135m"
+    revision: str | None = None
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    dtype: Dtype = "auto"
+    max_length: Annotated[int, Field(ge=64)] = 2048
+    max_turns: Annotated[int, Field(ge=1)] | None = None
+    max_new_tokens: Annotated[int, Field(ge=1)] = 8
+    trust_remote_code: bool = False
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
+    custom: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], CustomJudgeSpec] = Field(
+        default_factory=dict
+    )
+
+    @field_validator("custom")
+    @classmethod
+    def _not_builtin(cls, value: dict[str, CustomJudgeSpec]) -> dict[str, CustomJudgeSpec]:
+        for name in value:
+            if name in BUILTIN_JUDGES or name == "deita_score":
+                raise ValueError(f"custom judge {name!r} would shadow a built-in judge")
+        return value
+
+
+class JudgeResources(ActorResources):
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    max_batch_prompts: Annotated[int, Field(ge=1)] = Field(
+        default=16, description="transformers: prompts per forward pass"
+    )
+    enforce_eager: bool = Field(default=True, description="vLLM: skip graph compilation")
+    endpoint: EndpointResources = Field(default_factory=EndpointResources)
+
+
+class JudgeSpec(StageSpec, JudgeSettings):
+    stage_name = "judge"
+    resources: JudgeResources = Field(default_factory=JudgeResources)
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_endpoint(cls, data: Any) -> Any:
+        """`openai:` once held the endpoint's address and limits too; they are resources now."""
+        if not isinstance(data, dict) or not isinstance(data.get("openai"), dict):
+            return data
+        data = dict(data)
+        openai = dict(data["openai"])
+        moved = [k for k in EndpointResources.model_fields if k in openai]
+        if moved:
+            resources = dict(data.get("resources") or {})
+            endpoint = dict(resources.get("endpoint") or {})
+            for key in moved:
+                endpoint.setdefault(key, openai.pop(key))
+            resources["endpoint"] = endpoint
+            data["resources"], data["openai"] = resources, openai
+            _deprecated("judge", [f"openai.{k}" for k in moved], "resources.endpoint")
+        return data
 
 
 class JudgeActor:
-    """One judge backend per actor: (id, conversation, judges) batches in, judge columns out."""
+    """One judge backend per actor: (id, conversation, needs) batches in, judge columns out.
 
-    def __init__(
-        self,
-        spec: dict[str, Any],
-        model_path: str,
-        names: list[str],
-        num_threads: int | None = None,
-    ) -> None:
-        self.spec = JudgeStageSpec.model_validate(spec)
+    It gets the stage's block (never an API key: that is read from the actor's environment, so
+    it cannot end up in Ray's logs of constructor arguments or in any output)."""
+
+    def __init__(self, spec: dict[str, Any], model_path: str, names: list[str]) -> None:
+        from engine.backends import judge_backend
+
+        self.spec = JudgeSpec.model_validate(spec)
         self.names = names
         self.judges = judge_definitions(names, self.spec.custom)
-        self.backend = load_judge_backend(self.spec, model_path, num_threads)
+        self.backend = judge_backend(**_backend_args(self.spec, model_path))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = batch["id"].to_pylist()
-        conversations = batch["conversation"].to_pylist()
-        needed = [set(j) for j in batch["judges"].to_pylist()]
+        needed = None
+        if NEEDS in batch.column_names:
+            needed = [set(j) for j in batch[NEEDS].to_pylist()]
         columns = score_batch(
             self.backend,
             self.judges,
-            conversations,
+            batch["conversation"].to_pylist(),
             needed,
             self.spec.max_length,
             self.spec.max_turns,
         )
         schema = _rows_schema(self.names)
-        data = {"id": ids, **{f.name: columns[f.name] for f in schema if f.name != "id"}}
+        data = {"id": batch["id"], **{f.name: columns[f.name] for f in schema if f.name != "id"}}
         return pa.table(data, schema=schema)
 
     def __del__(self) -> None:
@@ -173,50 +201,66 @@ def _rows_schema(names: list[str]) -> pa.Schema:
     return pa.schema(fields)
 
 
-def model_identity(spec: JudgeStageSpec) -> str:
-    builtin = BUILTIN_MODELS.get(spec.model)
-    if builtin is None:
-        return spec.model
-    version = metadata.version(builtin.package.replace("_", "-"))
-    return f"{spec.model}@{builtin.package}=={version}"
+def judge_settings(job: JobSpec) -> dict[str, Any]:
+    """The marker's settings: the stage's settings and which judges run."""
+    return {**job.stages.judge.settings(), "judges": judge_names(job.signals)}
 
 
-def judge_fingerprint(spec: JudgeStageSpec, judge: JudgeDefinition) -> str:
-    """What changes one judge's numbers; resources and the other judges do not. Backends that
-    give log-probabilities (transformers, vLLM, openai with logprobs) share a family; text
-    parsing is another."""
-    family = "logprob" if spec.backend != "openai" or spec.openai.logprobs else "text"
-    model = (spec.openai.model or spec.model) if spec.backend == "openai" else model_identity(spec)
-    return fingerprint(
-        "judge",
-        JUDGE_STAGE_VERSION,
-        judge.describe(),
-        model,
-        spec.revision,
-        family,
-        spec.dtype if spec.backend != "openai" else None,
-        spec.max_length,
-        spec.max_turns,
-    )
+def judge_cache_keys(job: JobSpec) -> dict[str, str]:
+    """One cache key per enabled judge (see the module docstring)."""
+    from engine.models import model_identity
+
+    spec: JudgeSpec = job.stages.judge
+    settings = spec.settings()
+    openai = spec.backend == "openai"
+    family = "logprob" if not openai or spec.openai.logprobs else "text"
+    model = (spec.openai.model or spec.model) if openai else model_identity(spec.model)
+    shared = {k: settings[k] for k in ("revision", "max_length", "max_turns", "trust_remote_code")}
+    shared.update(model=model, family=family, dtype=None if openai else spec.dtype)
+    return {
+        judge.name: fingerprint("judge", STAGE.version, judge.describe(), shared)
+        for judge in judge_definitions(judge_names(job.signals), spec.custom)
+    }
 
 
-def _write_input(records: Path, target: Path, needs: dict[str, list[str]]) -> int:
-    """The unique records some judge still lacks, with the judges each needs."""
-    RunDir.reset_dir(target)
-    if not needs:
-        return 0
-    table = ds.dataset(str(records), format="parquet").to_table(
-        columns=["id", "conversation"],
-        filter=pc.field("dup_of").is_null() & pc.field("id").isin(pa.array(list(needs))),
-    )
-    judges = pa.array([needs[i] for i in table["id"].to_pylist()], pa.list_(pa.string()))
-    table = table.append_column("judges", judges)
-    pq.write_table(table, target / "input.parquet")
-    return table.num_rows
+def _backend_args(spec: JudgeSpec, model_path: str) -> dict[str, Any]:
+    """What engine.backends.judge_backend needs; the API key is read here, never stored."""
+    from engine.backends.judge_openai import OpenAIEndpoint
+    from engine.models import cache_root
+
+    res = spec.resources
+    endpoint = None
+    if spec.backend == "openai":
+        key_env = res.endpoint.api_key_env
+        endpoint = OpenAIEndpoint(
+            base_url=res.endpoint.base_url,
+            model=spec.openai.model or model_path,
+            api_key=os.environ.get(key_env) if key_env else None,
+            concurrency=res.endpoint.concurrency,
+            timeout_s=res.endpoint.timeout_s,
+            max_retries=res.endpoint.max_retries,
+            logprobs=spec.openai.logprobs,
+            request_cache_dir=str(cache_root() / "judge_requests"),
+        )
+    return {
+        "backend": spec.backend,
+        "model_path": model_path,
+        "dtype": spec.dtype,
+        "max_length": spec.max_length,
+        "max_new_tokens": spec.max_new_tokens,
+        "max_batch_prompts": res.max_batch_prompts,
+        "trust_remote_code": spec.trust_remote_code,
+        "enforce_eager": res.enforce_eager,
+        "num_threads": max(1, math.ceil(res.num_cpus)),
+        "use_gpu": res.num_gpus > 0,
+        "openai": endpoint,
+    }
 
 
-def run_judge(job: JobSpec, run: RunDir) -> dict[str, Any]:
-    spec = job.stages.judge
+def run_judge(ctx: StageContext) -> dict[str, Any]:
+    from engine.models import resolve_model
+
+    job, spec = ctx.job, ctx.spec
     names = judge_names(job.signals)
     if not names:
         raise ValueError("the judge stage runs only with a judge.<name> signal enabled")
@@ -224,96 +268,61 @@ def run_judge(job: JobSpec, run: RunDir) -> dict[str, Any]:
     model_path = (
         spec.model if spec.backend == "openai" else resolve_model(spec.model, spec.revision)
     )
-    ids = _unique_ids(run.records)
-
-    caches: dict[str, ScoreCache] = {}
-    cached: dict[str, pa.Table] = {}
-    for judge in judges:
-        schema = judge_schema([judge.name])
-        if spec.cache:
-            caches[judge.name] = ScoreCache(
-                spec.cache_dir or default_score_cache(), judge_fingerprint(spec, judge), schema
-            )
-            cached[judge.name] = caches[judge.name].lookup(ids)
-        else:
-            cached[judge.name] = schema.empty_table()
-    needs: dict[str, list[str]] = {}
-    for judge in judges:
-        have = set(cached[judge.name]["id"].to_pylist())
-        for record_id in ids:
-            if record_id not in have:
-                needs.setdefault(record_id, []).append(judge.name)
-
-    work = run.work(f"{STAGE}_input")
-    todo = _write_input(run.records, work, needs)
-    fresh_dir = RunDir.reset_dir(run.work(f"{STAGE}_scored"))
-    rows_schema = _rows_schema(names)
-    if todo:
-        import ray
-
-        check_placement(spec, STAGE, float(ray.cluster_resources().get("CPU", 0)))
-        stage = ActorStage(
-            name=STAGE,
-            actor_cls=JudgeActor,
-            constructor_kwargs={
-                "spec": spec.model_dump(),
-                "model_path": model_path,
-                "names": names,
-                "num_threads": max(1, math.ceil(spec.num_cpus)),
-            },
-            spec=spec,
-            schema=rows_schema,
-        )
-        _score_with_ray(stage, work, fresh_dir, todo)
-    files = sorted(fresh_dir.glob("*.parquet"))
-    fresh = (
-        pa.concat_tables([pq.read_table(f) for f in files]).select(rows_schema.names)
-        if files
-        else rows_schema.empty_table()
-    ).cast(rows_schema)
-
-    # Per judge: cached rows + the fresh rows it was asked for.
-    fresh_ids = fresh["id"].to_pylist()
+    keys = judge_cache_keys(job)
+    parts = {judge.name: judge_schema([judge.name]) for judge in judges}
+    caches = (
+        {name: ScoreCache(spec.cache.dir, keys[name], parts[name]) for name in parts}
+        if spec.cache.enabled
+        else {}
+    )
+    pool = ActorPool(
+        name="judge",
+        actor_cls=JudgeActor,
+        constructor_kwargs={
+            "spec": spec.model_dump(mode="json"),
+            "model_path": model_path,
+            "names": names,
+        },
+        resources=spec.resources,
+        parts=parts,
+        caches=caches,
+    )
+    result = run_actor_pool(pool, ctx.run, ctx.progress)
     columns: dict[str, list] = {}
     info: dict[str, Any] = {"judges": {}}
     for judge in judges:
-        asked = [i for i, rid in enumerate(fresh_ids) if judge.name in needs.get(rid, ())]
-        own = judge_schema([judge.name])
-        new_rows = fresh.select(own.names).take(pa.array(asked, pa.int64())).cast(own)
-        if judge.name in caches:
-            caches[judge.name].add(new_rows)
-        rows = pa.concat_tables([cached[judge.name].cast(own), new_rows])
-        got = rows["id"].to_pylist()
-        if len(got) != len(ids) or set(got) != set(ids):
-            raise RuntimeError(
-                f"judge {judge.name}: {len(ids)} unique records but {len(got)} scored rows "
-                f"({len(set(got))} distinct ids): rows were lost or scored twice"
-            )
-        position = {rid: k for k, rid in enumerate(got)}
-        order = pa.array([position[rid] for rid in ids], pa.int64())
-        rows = rows.take(order)
+        rows = result.tables[judge.name]
         for f in judge_fields(judge.name):
             columns[f.name] = rows[f.name].to_pylist()
         values = np.asarray(
             [np.nan if v is None else v for v in columns[f"judge_{judge.name}"]], dtype=float
         )
-        reasons = columns[f"judge_{judge.name}_reason"]
         info["judges"][judge.name] = {
-            "cache_hits": cached[judge.name].num_rows,
-            "cache_misses": len(asked),
-            "unparsed": sum(r == REASON_UNPARSED for r in reasons),
+            "cache_hits": result.cache_hits[judge.name],
+            "cache_misses": result.cache_misses[judge.name],
+            "unparsed": sum(r == REASON_UNPARSED for r in columns[f"judge_{judge.name}_reason"]),
             "mean": float(np.nanmean(values)) if np.isfinite(values).any() else None,
-            "fingerprint": judge_fingerprint(spec, judge),
+            "fingerprint": keys[judge.name],
         }
-    sidecar = judge_table(ids, columns, names)
-    output = RunDir.reset_dir(run.signal(STAGE))
-    pq.write_table(sidecar, output / "part-00000.parquet")
-    RunDir.remove(work, fresh_dir)
+    sidecar = judge_table(result.ids, columns, names)
+    ctx.run.write_sidecar("judge", sidecar)
     return {
         **info,
-        "rows": len(ids),
-        "scored": todo,
+        "rows": len(result.ids),
+        "scored": result.todo,
         "backend": spec.backend,
         "model": spec.model,
         "schema": sidecar.schema.names,
     }
+
+
+STAGE = model_signal_stage(
+    "judge",
+    version=1,
+    run=run_judge,
+    spec=JudgeSpec,
+    schema=lambda signals: judge_schema(judge_names(signals)),
+    settings_of=judge_settings,
+    cache_keys=judge_cache_keys,
+    description="LLM-judge ratings (AlpaGasus, DEITA quality and complexity, custom)",
+)

@@ -12,80 +12,95 @@ or restrict `stages.lang.languages`.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pyarrow as pa
+from pydantic import Field
 
-from engine.config import JobSpec, LangStageSpec
-from engine.runtime.rundir import RunDir
 from engine.signals.lang import LANG_SCHEMA, UNDETERMINED, lang_table
+from engine.stages.contract import Settings, Stage, StageContext, StageSpec
 
 TOP_LANGUAGES = 30
 # Rows per detector call inside a partition: bounds a worker's memory for long conversations.
 ARROW_BATCH_ROWS = 512
 
 
-def _detect_partitions(
-    spec: LangStageSpec, accuracy: str
-) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    languages = tuple(spec.languages) if spec.languages else None
-    min_chars, min_confidence = spec.min_chars, spec.min_confidence
+class LangSettings(Settings):
+    """Language identification on Spark (lingua; its models ship in the wheel)."""
 
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            table = lang_table(
-                batch.column("id").to_pylist(),
-                batch.column("conversation").to_pylist(),
-                languages,
-                min_chars=min_chars,
-                min_confidence=min_confidence,
-                accuracy=accuracy,
-            )
-            yield from table.to_batches()
-
-    return run
+    languages: list[Annotated[str, Field(pattern=r"^[a-z]{2}$")]] | None = Field(
+        default=None, description="restrict the detector to these ISO 639-1 codes (all if unset)"
+    )
+    min_chars: Annotated[int, Field(ge=1)] = Field(
+        default=12, description="letters below which a side is undetermined ('und')"
+    )
+    min_confidence: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.5, description="lang_mismatch only when both sides are at least this confident"
+    )
+    accuracy: Literal["auto", "high", "low"] = Field(
+        default="auto",
+        description="lingua's mode; auto: low-accuracy (fast) mode for texts of 120+ characters",
+    )
 
 
-def run_lang(job: JobSpec, run: RunDir, spark: Any) -> dict[str, Any]:
+class LangSpec(StageSpec, LangSettings):
+    stage_name = "lang"
+
+
+def detect_batch(batch: pa.RecordBatch, spec: LangSettings) -> pa.Table:
+    """(id, conversation) → LANG_SCHEMA rows; the detector is built once per Python worker."""
+    return lang_table(
+        batch.column("id").to_pylist(),
+        batch.column("conversation").to_pylist(),
+        tuple(spec.languages) if spec.languages else None,
+        min_chars=spec.min_chars,
+        min_confidence=spec.min_confidence,
+        accuracy=spec.accuracy,
+    )
+
+
+def run_lang(ctx: StageContext) -> dict[str, Any]:
     """Detect languages of every unique record on Spark; returns the manifest's facts."""
     from pyspark.sql import functions as F
-    from pyspark.sql.pandas.types import from_arrow_schema
 
-    start = time.perf_counter()
-    spec = job.stages.lang
-    accuracy = spec.accuracy  # "auto": see engine.signals.lang
+    from engine.runtime.spark import map_arrow
+
+    spark, spec = ctx.spark, ctx.spec
+    settings = LangSettings.model_validate(spec.settings())  # plain values travel to workers
     batch_key = "spark.sql.execution.arrow.maxRecordsPerBatch"
     previous_batch = spark.conf.get(batch_key, None)
     spark.conf.set(batch_key, str(ARROW_BATCH_ROWS))
     records = (
-        spark.read.parquet(str(run.records))
+        spark.read.parquet(str(ctx.run.records))
         .filter(F.col("dup_of").isNull())
         .select("id", "conversation")
     )
     partitions = max(2 * spark.sparkContext.defaultParallelism, records.rdd.getNumPartitions())
-    out = str(run.signal("lang"))
+    out = str(ctx.run.signal("lang"))
     try:
-        records.repartition(partitions).mapInArrow(
-            _detect_partitions(spec, accuracy), from_arrow_schema(LANG_SCHEMA)
-        ).write.mode("overwrite").parquet(out)
+        with ctx.phase("detect"):
+            map_arrow(
+                records.repartition(partitions),
+                lambda batch: detect_batch(batch, settings),
+                LANG_SCHEMA,
+            ).write.mode("overwrite").parquet(out)
     finally:
         if previous_batch is None:
             spark.conf.unset(batch_key)
         else:
             spark.conf.set(batch_key, previous_batch)
 
-    written = spark.read.parquet(out)
-    counts = {
-        row["lang"]: row["count"]
-        for row in written.groupBy("lang").count().orderBy(F.desc("count"), "lang").collect()
-    }
-    totals = written.agg(
-        F.count(F.lit(1)).alias("rows"),
-        F.sum(F.col("lang_mismatch").cast("int")).alias("mismatches"),
-        F.sum((F.col("response_lang") == UNDETERMINED).cast("int")).alias("response_und"),
-    ).first()
+    with ctx.phase("summary"):
+        written = spark.read.parquet(out)
+        counts = {
+            row["lang"]: row["count"]
+            for row in written.groupBy("lang").count().orderBy(F.desc("count"), "lang").collect()
+        }
+        totals = written.agg(
+            F.count(F.lit(1)).alias("rows"),
+            F.sum(F.col("lang_mismatch").cast("int")).alias("mismatches"),
+            F.sum((F.col("response_lang") == UNDETERMINED).cast("int")).alias("response_und"),
+        ).first()
     return {
         "rows": int(totals["rows"]),
         "languages": dict(list(counts.items())[:TOP_LANGUAGES]),
@@ -93,6 +108,19 @@ def run_lang(job: JobSpec, run: RunDir, spark: Any) -> dict[str, Any]:
         "mismatches": int(totals["mismatches"] or 0),
         "undetermined": int(counts.get(UNDETERMINED, 0)),
         "response_undetermined": int(totals["response_und"] or 0),
-        "accuracy": accuracy,
-        "seconds": round(time.perf_counter() - start, 3),
+        "accuracy": spec.accuracy,
     }
+
+
+STAGE = Stage(
+    name="lang",
+    version=1,
+    engine="spark",
+    reads=("records",),
+    writes=("signals/lang",),
+    run=run_lang,
+    spec=LangSpec,
+    schema=LANG_SCHEMA,
+    signal="lang",
+    description="language of the instruction and the response side (lingua)",
+)

@@ -1,73 +1,61 @@
 """LM scoring stage: perplexity and IFD on a Ray actor pool, one model per actor, cached by content.
 
 The actor plans which tokens to score (engine.signals.lm), hands the token ids to its backend
-(transformers or vLLM) and turns the NLLs into signal columns. The score cache key is
-(id, fingerprint), where the fingerprint covers model, revision, template, max_length, backend
-and dtype: a later run over the same rows (in any corpus) reads them instead of scoring again.
+(transformers or vLLM, engine.backends.lm_scorer) and turns the NLLs into signal columns. The
+score cache key is the stage's settings fingerprint (model identity, revision, backend, template,
+max_length, max_turns, dtype): a later run over the same rows, in any corpus, reads them instead
+of scoring again.
 """
 
 from __future__ import annotations
 
 import math
-from importlib import metadata
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pyarrow as pa
+from pydantic import Field
 
-from engine.cache import ScoreCache
-from engine.config import JobSpec, LMStageSpec
-from engine.models import BUILTIN_MODELS, resolve_model
-from engine.runtime.rundir import RunDir, fingerprint
 from engine.signals.lm import LM_SCHEMA, plan_turns, record_signals
-from engine.stages.actor_scoring import ActorStage, run_actor_stage
+from engine.stages.actor_scoring import score_records
+from engine.stages.contract import (
+    ActorResources,
+    CacheSpec,
+    Settings,
+    StageContext,
+    StageSpec,
+    model_signal_stage,
+)
 
-# Bump when the definition of the numbers changes (which tokens are scored, truncation, pooling).
-LM_SCORING_VERSION = 1
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-def load_scorer(
-    backend: str,
-    model_path: str,
-    dtype: str,
-    max_length: int,
-    max_batch_tokens: int,
-    trust_remote_code: bool,
-    enforce_eager: bool,
-    num_threads: int | None,
-) -> Any:
-    """Build the backend named in the config (imported lazily: vLLM is heavy)."""
-    if backend == "vllm":
-        from engine.backends.vllm_lm import VllmScorer
+class LMSettings(Settings):
+    """Perplexity / IFD scoring (see engine.signals.lm for exactly which tokens are scored)."""
 
-        return VllmScorer(
-            model_path,
-            dtype=vllm_dtype(dtype),
-            max_model_len=max_length + 1,  # vLLM keeps one position for the token it generates
-            enforce_eager=enforce_eager,
-            trust_remote_code=trust_remote_code,
-        )
-    from engine.backends.transformers_lm import TransformersScorer
-
-    return TransformersScorer(
-        model_path,
-        dtype=dtype,
-        max_batch_tokens=max_batch_tokens,
-        trust_remote_code=trust_remote_code,
-        num_threads=num_threads,
+    model: str = "builtin:smollm2-135m"
+    revision: str | None = None
+    backend: Literal["transformers", "vllm"] = "transformers"
+    template: Literal["alpaca", "plain", "chat"] = "alpaca"
+    max_length: Annotated[int, Field(ge=16)] = 1024
+    max_turns: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="score only the first N assistant turns of each record"
     )
+    dtype: Dtype = Field(default="auto", description="auto: bf16 where native, else fp32")
+    trust_remote_code: bool = False
 
 
-def vllm_dtype(dtype: str) -> str:
-    """vLLM's "auto" means the checkpoint's dtype (fp32 for the converted built-in); ours means
-    bf16 where the hardware computes it natively, else fp32 (emulated bf16 is ~5x slower here)."""
-    if dtype != "auto":
-        return dtype
-    import torch
+class LMResources(ActorResources):
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    max_batch_tokens: Annotated[int, Field(ge=256)] = Field(
+        default=8192, description="transformers: padded tokens per forward pass"
+    )
+    enforce_eager: bool = Field(default=True, description="vLLM: skip graph compilation")
 
-    from engine.backends.transformers_lm import resolve_dtype
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return str(resolve_dtype("auto", device)).removeprefix("torch.")
+class LMSpec(StageSpec, LMSettings):
+    stage_name = "lm"
+    resources: LMResources = Field(default_factory=LMResources)
+    cache: CacheSpec = Field(default_factory=CacheSpec)
 
 
 class LMScoringActor:
@@ -81,13 +69,12 @@ class LMScoringActor:
         max_turns: int | None,
         **backend: Any,
     ) -> None:
-        from transformers import AutoTokenizer
+        from engine.backends import lm_scorer
+        from engine.backends.hf import load_tokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            model_path, trust_remote_code=backend["trust_remote_code"]
-        )
+        self.tokenizer = load_tokenizer(model_path, backend["trust_remote_code"])
         self.template, self.max_length, self.max_turns = template, max_length, max_turns
-        self.scorer = load_scorer(model_path=model_path, max_length=max_length, **backend)
+        self.scorer = lm_scorer(model_path=model_path, max_length=max_length, **backend)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = batch["id"].to_pylist()
@@ -102,50 +89,39 @@ class LMScoringActor:
         signals = record_signals(ids, plans, nll[: len(plans)], nll[len(plans) :])
         return pa.Table.from_batches([signals])
 
-
-def scorer_fingerprint(spec: LMStageSpec) -> str:
-    """What changes the numbers; resources (CPUs, batch sizes, pool size) do not."""
-    model: str = spec.model
-    builtin = BUILTIN_MODELS.get(spec.model)
-    if builtin is not None:
-        model = (
-            f"{spec.model}@{builtin.package}=={metadata.version(builtin.package.replace('_', '-'))}"
-        )
-    return fingerprint(
-        "lm",
-        LM_SCORING_VERSION,
-        model,
-        spec.revision,
-        spec.template,
-        spec.max_length,
-        spec.max_turns,
-        spec.backend,
-        spec.dtype,
-    )
+    def __del__(self) -> None:
+        scorer = getattr(self, "scorer", None)
+        if scorer is not None:
+            scorer.close()
 
 
-def run_lm(job: JobSpec, run: RunDir) -> dict:
-    spec = job.stages.lm
+def run_lm(ctx: StageContext) -> dict[str, Any]:
+    from engine.models import resolve_model
+
+    spec: LMSpec = ctx.spec
+    res = spec.resources
     model_path = resolve_model(spec.model, spec.revision)  # on the driver: actors never race
-    key = scorer_fingerprint(spec)
-    stage = ActorStage(
-        name="lm",
-        actor_cls=LMScoringActor,
-        constructor_kwargs={
-            "model_path": model_path,
-            "template": spec.template,
-            "max_length": spec.max_length,
-            "max_turns": spec.max_turns,
-            "backend": spec.backend,
-            "dtype": spec.dtype,
-            "max_batch_tokens": spec.max_batch_tokens,
-            "trust_remote_code": spec.trust_remote_code,
-            "enforce_eager": spec.enforce_eager,
-            "num_threads": max(1, math.ceil(spec.num_cpus)),
-        },
-        spec=spec,
-        schema=LM_SCHEMA,
-        cache=ScoreCache(spec.cache_dir, key, LM_SCHEMA) if spec.cache else None,
-    )
-    info = run_actor_stage(stage, run)
-    return {**info, "model": spec.model, "backend": spec.backend, "fingerprint": key}
+    kwargs = {
+        "model_path": model_path,
+        "template": spec.template,
+        "max_length": spec.max_length,
+        "max_turns": spec.max_turns,
+        "backend": spec.backend,
+        "dtype": spec.dtype,
+        "max_batch_tokens": res.max_batch_tokens,
+        "trust_remote_code": spec.trust_remote_code,
+        "enforce_eager": res.enforce_eager,
+        "num_threads": max(1, math.ceil(res.num_cpus)),
+        "use_gpu": res.num_gpus > 0,
+    }
+    return {**score_records(ctx, LMScoringActor, kwargs, LM_SCHEMA), "backend": spec.backend}
+
+
+STAGE = model_signal_stage(
+    "lm",
+    version=1,
+    run=run_lm,
+    spec=LMSpec,
+    schema=LM_SCHEMA,
+    description="perplexity and IFD (Cherry LLM, Superfiltering)",
+)

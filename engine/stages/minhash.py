@@ -23,18 +23,46 @@ jobs/bench/minhash_throughput.py compares both.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field, model_validator
 
-from engine.config import JobSpec, NearDupSpec
 from engine.runtime.rundir import RunDir
 from engine.selection.groups import connected_components
 from engine.signals.embed import record_text
-from engine.signals.minhash import band_keys, estimate_jaccard, signatures
+from engine.signals.minhash import MINHASH_SCHEMA, band_keys, estimate_jaccard, signatures
+from engine.stages.contract import Settings, Stage, StageContext
+
+if TYPE_CHECKING:
+    from engine.config import JobSpec
+
+
+class NearDupSpec(Settings):
+    """Fuzzy duplicates: MinHash LSH over word shingles on Spark, pairs verified by Jaccard.
+
+    Lives under `select.dedup.near` in the job spec (the minhash stage's settings)."""
+
+    enabled: bool = True
+    text: Literal["conversation", "instruction", "response"] = "conversation"
+    shingle_words: Annotated[int, Field(ge=1, le=32)] = 5
+    num_perm: Annotated[int, Field(ge=16, le=1024)] = 128
+    bands: Annotated[int, Field(ge=1)] = 16
+    threshold: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.7, description="estimated Jaccard similarity a candidate pair must reach"
+    )
+    bucket_window: Annotated[int, Field(ge=1)] = Field(
+        default=100,
+        description="a row of an oversized LSH bucket is paired with the next N members by id",
+    )
+
+    @model_validator(mode="after")
+    def _bands_divide(self) -> NearDupSpec:
+        if self.num_perm % self.bands:
+            raise ValueError(f"bands ({self.bands}) must divide num_perm ({self.num_perm})")
+        return self
+
 
 SIGNATURE_SCHEMA = pa.schema(
     [("id", pa.string()), ("signature", pa.binary()), ("band_keys", pa.list_(pa.int64()))]
@@ -88,16 +116,6 @@ def _signature_matrix(column: pa.Array, rows: int) -> np.ndarray:
     return np.frombuffer(flat, dtype=np.uint64).reshape(rows, -1)
 
 
-def _map_batches(
-    fn: Callable[[pa.RecordBatch], pa.RecordBatch],
-) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            yield fn(batch)
-
-    return run
-
-
 def near_duplicate_clusters(ids_a: np.ndarray, ids_b: np.ndarray) -> dict[str, str]:
     """id → smallest id of its connected component, for every id on a verified edge."""
     if len(ids_a) == 0:
@@ -109,121 +127,117 @@ def near_duplicate_clusters(ids_a: np.ndarray, ids_b: np.ndarray) -> dict[str, s
     return dict(zip(nodes.tolist(), nodes[labels].tolist(), strict=True))
 
 
-def run_minhash(job: JobSpec, run: RunDir, spark: Any) -> dict[str, Any]:
+def run_minhash(ctx: StageContext) -> dict[str, Any]:
     """Write `signals/minhash/` (id, near_dup_cluster) for every unique record."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
-    from pyspark.sql.pandas.types import from_arrow_schema
 
-    spec = job.select.dedup.near
+    from engine.runtime.spark import map_arrow
+
+    spark, run = ctx.spark, ctx.run
+    spec = NearDupSpec.model_validate(ctx.stage.settings(ctx.job))
     bucket_window = spec.bucket_window
-    seconds: dict[str, float] = {}
-    started = time.perf_counter()
 
-    records = (
-        spark.read.parquet(str(run.records))
-        .filter(F.col("dup_of").isNull())
-        .select("id", "conversation")
-    )
-    signatures_dir = str(run.work("minhash_signatures"))
-    records.mapInArrow(
-        _map_batches(lambda b: signature_batch(b, spec)), from_arrow_schema(SIGNATURE_SCHEMA)
-    ).write.mode("overwrite").parquet(signatures_dir)
-    signed = spark.read.parquet(signatures_dir)
-    seconds["signatures"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    buckets = signed.select("id", F.posexplode("band_keys").alias("band", "key"))
-    bucket = Window.partitionBy("band", "key")
-    ranked = (
-        buckets.withColumn("size", F.count(F.lit(1)).over(bucket))
-        .filter(F.col("size") > 1)
-        .withColumn("rank", F.row_number().over(bucket.orderBy("id")) - 1)
-    )
-    ranked_dir = str(run.work("minhash_buckets"))
-    ranked.write.mode("overwrite").parquet(ranked_dir)
-    ranked = spark.read.parquet(ranked_dir)
-    window = F.lit(bucket_window)
-    left = ranked.select(
-        "band",
-        "key",
-        F.col("id").alias("id_a"),
-        F.col("rank").alias("rank_a"),
-        F.floor(F.col("rank") / window).alias("block"),
-    )
-    # Each right row meets its own block and the one before: every rank_b - rank_a <= window.
-    right = ranked.select(
-        "band",
-        "key",
-        F.col("id").alias("id_b"),
-        F.col("rank").alias("rank_b"),
-        F.explode(
-            F.array(F.floor(F.col("rank") / window), F.floor(F.col("rank") / window) - 1)
-        ).alias("block"),
-    )
-    candidates = (
-        left.join(right, ["band", "key", "block"])
-        .filter((F.col("rank_b") > F.col("rank_a")) & (F.col("rank_b") <= F.col("rank_a") + window))
-        .select("id_a", "id_b")
-        .distinct()
-    )
-    candidates_dir = str(run.work("minhash_candidates"))
-    candidates.write.mode("overwrite").parquet(candidates_dir)
-    candidates = spark.read.parquet(candidates_dir)
-    candidate_pairs = candidates.count()
-    capped = (
-        ranked.filter((F.col("rank") == 0) & (F.col("size") > bucket_window + 1))
-        .select(
-            F.count(F.lit(1)).alias("buckets"),
-            F.sum(
-                F.col("size") * (F.col("size") - 1) / 2
-                - (window * (F.col("size") - window) + window * (window - 1) / 2)
-            ).alias("skipped"),
+    with ctx.phase("signatures"):
+        records = (
+            spark.read.parquet(str(run.records))
+            .filter(F.col("dup_of").isNull())
+            .select("id", "conversation")
         )
-        .first()
-    )
-    seconds["candidates"] = time.perf_counter() - started
+        signatures_dir = str(run.work("minhash_signatures"))
+        map_arrow(records, lambda b: signature_batch(b, spec), SIGNATURE_SCHEMA).write.mode(
+            "overwrite"
+        ).parquet(signatures_dir)
+        signed = spark.read.parquet(signatures_dir)
 
-    started = time.perf_counter()
-    sig_a = signed.select(F.col("id").alias("id_a"), F.col("signature").alias("sig_a"))
-    sig_b = signed.select(F.col("id").alias("id_b"), F.col("signature").alias("sig_b"))
-    verified = (
-        candidates.join(sig_a, "id_a")
-        .join(sig_b, "id_b")
-        .select("id_a", "id_b", "sig_a", "sig_b")
-        .mapInArrow(
-            _map_batches(lambda b: verify_batch(b, spec.threshold)),
-            from_arrow_schema(VERIFIED_SCHEMA),
+    with ctx.phase("candidates"):
+        buckets = signed.select("id", F.posexplode("band_keys").alias("band", "key"))
+        bucket = Window.partitionBy("band", "key")
+        ranked = (
+            buckets.withColumn("size", F.count(F.lit(1)).over(bucket))
+            .filter(F.col("size") > 1)
+            .withColumn("rank", F.row_number().over(bucket.orderBy("id")) - 1)
         )
-    )
-    edges = verified.toArrow()
-    seconds["verify"] = time.perf_counter() - started
+        ranked_dir = str(run.work("minhash_buckets"))
+        ranked.write.mode("overwrite").parquet(ranked_dir)
+        ranked = spark.read.parquet(ranked_dir)
+        window = F.lit(bucket_window)
+        left = ranked.select(
+            "band",
+            "key",
+            F.col("id").alias("id_a"),
+            F.col("rank").alias("rank_a"),
+            F.floor(F.col("rank") / window).alias("block"),
+        )
+        # Each right row meets its own block and the one before: every rank_b - rank_a <= window.
+        right = ranked.select(
+            "band",
+            "key",
+            F.col("id").alias("id_b"),
+            F.col("rank").alias("rank_b"),
+            F.explode(
+                F.array(F.floor(F.col("rank") / window), F.floor(F.col("rank") / window) - 1)
+            ).alias("block"),
+        )
+        candidates = (
+            left.join(right, ["band", "key", "block"])
+            .filter(
+                (F.col("rank_b") > F.col("rank_a")) & (F.col("rank_b") <= F.col("rank_a") + window)
+            )
+            .select("id_a", "id_b")
+            .distinct()
+        )
+        candidates_dir = str(run.work("minhash_candidates"))
+        candidates.write.mode("overwrite").parquet(candidates_dir)
+        candidates = spark.read.parquet(candidates_dir)
+        candidate_pairs = candidates.count()
+        capped = (
+            ranked.filter((F.col("rank") == 0) & (F.col("size") > bucket_window + 1))
+            .select(
+                F.count(F.lit(1)).alias("buckets"),
+                F.sum(
+                    F.col("size") * (F.col("size") - 1) / 2
+                    - (window * (F.col("size") - window) + window * (window - 1) / 2)
+                ).alias("skipped"),
+            )
+            .first()
+        )
 
-    started = time.perf_counter()
-    clusters = near_duplicate_clusters(
-        np.asarray(edges["id_a"].to_pylist(), dtype=object).astype(str),
-        np.asarray(edges["id_b"].to_pylist(), dtype=object).astype(str),
-    )
-    seconds["components"] = time.perf_counter() - started
+    with ctx.phase("verify"):
+        sig_a = signed.select(F.col("id").alias("id_a"), F.col("signature").alias("sig_a"))
+        sig_b = signed.select(F.col("id").alias("id_b"), F.col("signature").alias("sig_b"))
+        pairs = candidates.join(sig_a, "id_a").join(sig_b, "id_b")
+        edges = map_arrow(
+            pairs.select("id_a", "id_b", "sig_a", "sig_b"),
+            lambda b: verify_batch(b, spec.threshold),
+            VERIFIED_SCHEMA,
+        ).toArrow()
 
-    started = time.perf_counter()
-    cluster_rows = pa.table(
-        {
-            "id": pa.array(list(clusters), pa.string()),
-            "near_dup_cluster": pa.array(list(clusters.values()), pa.string()),
-        }
-    )
-    membership = spark.createDataFrame(
-        cluster_rows.to_pandas(), "id string, near_dup_cluster string"
-    )
-    output = str(run.signal("minhash"))
-    rows = signed.count()
-    signed.select("id").join(F.broadcast(membership), "id", "left").select(
-        "id", "near_dup_cluster"
-    ).write.mode("overwrite").parquet(output)
-    RunDir.remove(run.work("minhash_signatures"), run.work("minhash_buckets"))
-    RunDir.remove(run.work("minhash_candidates"))
-    seconds["write"] = time.perf_counter() - started
+    with ctx.phase("components"):
+        clusters = near_duplicate_clusters(
+            np.asarray(edges["id_a"].to_pylist(), dtype=object).astype(str),
+            np.asarray(edges["id_b"].to_pylist(), dtype=object).astype(str),
+        )
+
+    with ctx.phase("write"):
+        cluster_rows = pa.table(
+            {
+                "id": pa.array(list(clusters), pa.string()),
+                "near_dup_cluster": pa.array(list(clusters.values()), pa.string()),
+            }
+        )
+        membership = spark.createDataFrame(
+            cluster_rows.to_pandas(), "id string, near_dup_cluster string"
+        )
+        rows = signed.count()
+        signed.select("id").join(F.broadcast(membership), "id", "left").select(
+            "id", "near_dup_cluster"
+        ).write.mode("overwrite").parquet(str(run.signal("minhash")))
+        RunDir.remove(
+            run.work("minhash_signatures"),
+            run.work("minhash_buckets"),
+            run.work("minhash_candidates"),
+        )
 
     return {
         "rows": rows,
@@ -234,5 +248,23 @@ def run_minhash(job: JobSpec, run: RunDir, spark: Any) -> dict[str, Any]:
         "capped_buckets": int(capped["buckets"] or 0),
         "skipped_pairs": int(capped["skipped"] or 0),
         "bucket_window": bucket_window,
-        "seconds": {name: round(value, 3) for name, value in seconds.items()},
     }
+
+
+def minhash_settings(job: JobSpec) -> NearDupSpec:
+    """The stage's settings live in the selection's dedup block (`select.dedup.near`)."""
+    return job.select.dedup.near
+
+
+STAGE = Stage(
+    name="minhash",
+    version=1,
+    engine="spark",
+    reads=("records",),
+    writes=("signals/minhash",),
+    run=run_minhash,
+    settings_of=minhash_settings,
+    schema=MINHASH_SCHEMA,
+    signal="minhash",
+    description="near-duplicate clusters (MinHash LSH, verified by Jaccard)",
+)

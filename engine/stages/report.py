@@ -1,4 +1,8 @@
-"""Report stage: gather a few example rows and render `report.html` from the run's outputs."""
+"""Report stage: gather a few example rows and render `report.html` from the run's outputs.
+
+Counts come from the typed `Manifest` the pipeline built; `scores.parquet` supplies the
+distributions and breakdowns, `records/` and `quarantine.jsonl` the example rows.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from engine.report.html import render_report
+from engine.manifest import Manifest
+from engine.report import render_report
 from engine.runtime.rundir import RunDir
 
 EXAMPLES_KEPT = 5
@@ -71,11 +76,15 @@ def gather_examples(
     }
 
 
-def run_report(run: RunDir, manifest: dict) -> None:
+def run_report(run: RunDir, manifest: Manifest) -> None:
+    """Render `report.html` into the run directory (atomically: never half a page)."""
     scores = pd.read_parquet(run.scores)
-    selection = manifest.get("selection") or {}
+    score = manifest.selection.get("score")
     examples = gather_examples(
-        run, scores, selection.get("score"), ascending=selection.get("order") == "asc"
+        run,
+        scores,
+        score if isinstance(score, str) else None,
+        ascending=manifest.selection.get("order") == "asc",
     )
     page = render_report(scores, manifest, examples)
     tmp = run.report.with_suffix(".html.tmp")

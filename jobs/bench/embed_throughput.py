@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.backends.sentence_transformers import SentenceTransformersEmbedder
 from engine.models import resolve_embedding_model
 from engine.records import to_canonical
-from engine.signals.embed import Embedder, record_text
+from engine.signals.embed import record_text
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,7 +40,7 @@ def main() -> None:
         for row in rows[: args.rows]
     ]
     path = resolve_embedding_model("builtin:all-minilm-l6-v2", None)
-    embedder = Embedder(
+    embedder = SentenceTransformersEmbedder(
         path, use_gpu=args.device == "cuda", num_threads=args.threads, batch_size=args.batch_size
     )
     embedder.embed(texts[:16])  # warm-up: first call pays for lazy initialisation

@@ -30,7 +30,7 @@ from engine.readers.framing import FrameStats
 from engine.readers.sources import frame_source, resolve_source
 from engine.runtime.rundir import RunDir
 from engine.runtime.spark import spark_session
-from engine.signals.registry import INDICATOR_COLUMNS
+from engine.signals.indicators import INDICATOR_COLUMNS
 from engine.stages.ingest import run_ingest
 
 REPO = Path(__file__).resolve().parents[2]

@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -110,7 +111,7 @@ def bench_transformers(
         model,
         dtype=args.dtype,
         max_length=args.max_length,
-        batch_size=args.batch_size,
+        max_batch_prompts=args.batch_size,
         num_threads=args.threads,
     )
     start_s = time.perf_counter() - began
@@ -144,7 +145,10 @@ def bench_vllm(model: str, prompts: list, judge: Any, args: argparse.Namespace) 
 
 def bench_openai(model: str, prompts: list, judge: Any, args: argparse.Namespace) -> list[Timing]:
     from engine.backends.judge_openai import OpenAIJudge
-    from engine.backends.vllm_server import VllmServer
+
+    if str(REPO) not in sys.path:  # the `vllm serve` harness lives with the tests
+        sys.path.insert(0, str(REPO))
+    from tests.support.vllm_server import VllmServer
 
     server = VllmServer(
         model,

@@ -175,11 +175,8 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from engine.backends.transformers_lm import (
-        TransformersScorer,
-        cpu_supports_bf16,
-        reference_token_nll,
-    )
+    from engine.backends.hf import cpu_supports_bf16
+    from engine.backends.transformers_lm import TransformersScorer, reference_token_nll
     from engine.models import resolve_model
 
     threads = [int(t) for t in args.threads.split(",")]
@@ -247,12 +244,10 @@ def main() -> None:
         print("vllm: skipped (--no-vllm)")
     else:
         try:
+            from engine.backends.vllm_engine import vllm_dtype as resolve_vllm_dtype
             from engine.backends.vllm_lm import VllmScorer
 
-            vllm_dtype = args.vllm_dtype
-            if vllm_dtype == "auto":
-                native = native_bf16 or torch.cuda.is_available()
-                vllm_dtype = "bfloat16" if native else "float32"
+            vllm_dtype = resolve_vllm_dtype(args.vllm_dtype)
             started = time.perf_counter()
             vllm = VllmScorer(
                 path,

