@@ -290,3 +290,20 @@ def test_real_run_skips_on_resources_and_reruns_downstream_on_settings(
     changed = JobRunner(job(embed={"text": "conversation"}), out).execute()
     assert changed.skipped_stages == ["ingest", "lang", "minhash", "tokens"]
     assert all(p.runs for p in JobRunner(job(), out).plan(force=True))
+
+
+def test_validate_prints_the_moved_keys_before_any_work(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    old = tmp_path / "old.yaml"
+    old.write_text(
+        "inputs: [{path: data.jsonl}]\nsignals: [lm]\n"
+        "stages: {lm: {num_cpus: 0.5, cache_dir: /tmp/scores}}\n",
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(app, ["validate", str(old)])
+    assert result.exit_code == 0, result.output
+    assert "deprecated: stages.lm.num_cpus -> stages.lm.resources.num_cpus" in result.output
+    assert "stages.lm.cache_dir -> stages.lm.cache.dir" in result.output

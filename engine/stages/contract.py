@@ -101,7 +101,7 @@ class StageSpec(Settings):
                 for key in moved:
                     block.setdefault(key, data.pop(key))
                 data["resources"] = block
-                _deprecated(cls.stage_name, moved, "resources")
+                warn_moved(cls.stage_name, moved, "resources")
         if "cache" in cls.model_fields:
             legacy = {}
             if isinstance(data.get("cache"), bool):
@@ -111,9 +111,7 @@ class StageSpec(Settings):
             if legacy:
                 data["cache"] = {**(data.get("cache") or {}), **legacy}
                 names = ["cache" if k == "enabled" else "cache_dir" for k in legacy]
-                _deprecated(
-                    cls.stage_name, names, "cache", {"cache": "enabled", "cache_dir": "dir"}
-                )
+                warn_moved(cls.stage_name, names, "cache", {"cache": "enabled", "cache_dir": "dir"})
         return data
 
     def settings(self) -> dict[str, Any]:
@@ -121,7 +119,7 @@ class StageSpec(Settings):
         return self.model_dump(mode="json", include=self.settings_fields())
 
 
-def _deprecated(
+def warn_moved(
     stage: str, keys: list[str], block: str, renames: dict[str, str] | None = None
 ) -> None:
     where = f"stages.{stage}" if stage else "a stage block"

@@ -37,8 +37,8 @@ from engine.stages.contract import (
     StageContext,
     StageSpec,
     Strict,
-    _deprecated,
     model_signal_stage,
+    warn_moved,
 )
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ class JudgeSpec(StageSpec, JudgeSettings):
                 endpoint.setdefault(key, openai.pop(key))
             resources["endpoint"] = endpoint
             data["resources"], data["openai"] = resources, openai
-            _deprecated("judge", [f"openai.{k}" for k in moved], "resources.endpoint")
+            warn_moved("judge", [f"openai.{k}" for k in moved], "resources.endpoint")
         return data
 
 
