@@ -9,11 +9,16 @@ as is, so real users keep the ordinary code path.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,12 +99,16 @@ def _convert_gguf(model: BuiltinModel, target: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    # One-time work inside a stage: the stage's own progress bar is the one the console shows.
-    hf_logging.disable_progress_bar()
     gguf = _gguf_location(model)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
+    # One-time work inside a stage: the stage's own progress bar is the one the console shows.
+    # transformers' GGUF reader draws a bare tqdm bar on stderr; it goes to the log instead.
+    hf_logging.disable_progress_bar()
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+    log.debug("GGUF conversion of %s: %s", gguf.name, captured.getvalue()[-2000:])
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):
