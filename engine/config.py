@@ -288,9 +288,7 @@ class RaySpec(Strict):
 
 def _stages_model() -> type[BaseModel]:
     """`stages:`: one block per configured stage, each declared by its stage (the registry)."""
-    fields: dict[str, Any] = {
-        s.name: (s.spec, Field(default_factory=s.spec)) for s in CONFIGURED if s.spec is not None
-    }
+    fields: dict[str, Any] = {s.name: (s.spec, Field(default_factory=s.spec)) for s in CONFIGURED}
     return create_model("StagesSpec", __base__=Strict, **fields)
 
 

@@ -86,7 +86,11 @@ def stage_fingerprints(job: JobSpec) -> dict[str, str]:
 class PlannedStage:
     stage: Stage
     fingerprint: str
-    runs: bool  # False: complete with this fingerprint, skipped
+    marker: dict[str, Any] | None  # the marker of a complete stage (skipped); None: it runs
+
+    @property
+    def runs(self) -> bool:
+        return self.marker is None
 
 
 class JobRunner:
@@ -127,7 +131,7 @@ class JobRunner:
         for stage in enabled_stages(self.job):
             outputs = [self.run.root / path for path in stage.writes]
             done = None if force else self.run.completed(stage.name, fps[stage.name], outputs)
-            planned.append(PlannedStage(stage, fps[stage.name], done is None))
+            planned.append(PlannedStage(stage, fps[stage.name], done))
         return planned
 
     def execute(self, force: bool = False, command: str | None = None) -> Manifest:
@@ -141,11 +145,11 @@ class JobRunner:
 
     def _run_stage(self, planned: PlannedStage, progress: StageProgress) -> dict[str, Any]:
         """Run one stage (or take its marker); records what happened for the manifest."""
-        stage, run = planned.stage, self.run
-        if planned.runs:
+        stage = planned.stage
+        if planned.marker is None:
             marker = self._do_run(planned, progress)
         else:
-            marker = run.completed(stage.name, planned.fingerprint) or {}
+            marker = planned.marker
             self.log(f"[dim]{stage.name}: already complete, skipped (--force redoes it)[/]")
         self.records.append(
             StageRecord(

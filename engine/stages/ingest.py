@@ -16,7 +16,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from pathlib import Path as _Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -275,7 +274,7 @@ def input_state(job: JobSpec) -> list[dict[str, Any]]:
     """
     state = []
     for spec in job.inputs:
-        path = _Path(spec.path)
+        path = Path(spec.path)
         if path.exists():
             files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
             stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]

@@ -135,7 +135,7 @@ def run_minhash(ctx: StageContext) -> dict[str, Any]:
     from engine.runtime.spark import map_arrow
 
     spark, run = ctx.spark, ctx.run
-    spec = NearDupSpec.model_validate(ctx.stage.settings(ctx.job))
+    spec = minhash_settings(ctx.job)
     bucket_window = spec.bucket_window
 
     with ctx.phase("signatures"):

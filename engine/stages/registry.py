@@ -63,10 +63,6 @@ def stage_of(signal: str) -> str:
     return JUDGE if signal.startswith(f"{JUDGE}.") else signal
 
 
-def judge_names(signals: list[str]) -> list[str]:
-    return judge.judge_names(signals)
-
-
 def _fixed_schemas() -> dict[str, pa.Schema]:
     """Signal name -> sidecar schema, for the signals whose columns do not depend on the job."""
     return {s.signal: s.schema for s in SIGNAL_STAGES if isinstance(s.schema, pa.Schema)}
