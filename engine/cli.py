@@ -5,14 +5,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from engine.config import ConfigError, JobSpec, load_job, parse_job
+from engine.config import ConfigError, JobSpec, PresetName, load_job, parse_job
 from engine.readers.sources import SourceError
 from engine.stages.contract import ConfigDeprecationWarning
 
@@ -118,7 +118,7 @@ def select(
         str | None,
         typer.Option(
             "--select",
-            help="preset: random|longest|ifd|superfilter|alpagasus|deita|kcenter|facility_location",
+            help="preset: " + "|".join(get_args(PresetName)),
         ),
     ] = None,
     dedup: Annotated[

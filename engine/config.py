@@ -24,6 +24,7 @@ from engine import reasons
 from engine.readers.sources import CONTAINERS
 from engine.records import SCHEMAS
 from engine.selection.filters import Rule, RuleError
+from engine.selection.hygiene import HygieneSpec
 from engine.stages.contract import Strict
 from engine.stages.minhash import NearDupSpec
 from engine.stages.registry import (
@@ -111,21 +112,54 @@ DEFAULT_FILTERS = [
 ]
 
 # Presets: a named selection rule. Smarter selectors are always compared with these two.
+# A preset named after a paper reproduces that paper's reference code: `fixed` settings are its
+# method (a job may not change them), `defaults` its parameters (a job may). Winnow's own
+# variants (`ifd`, `kcenter`, `facility_location`, `deita` on MiniLM) sit beside them under their
+# own names; README "Presets" says how each differs from its paper.
 PRESETS: dict[str, dict[str, Any]] = {
     "random": {"score": None},
     "longest": {"score": "assistant_chars", "order": "desc"},
-    # Cherry LLM and Superfiltering: drop IFD >= 1 (the prompt does not help), keep the highest.
+    # Winnow's IFD (stages.lm.definition winnow: chat-aware, multi-turn, the answer scored after
+    # a start token on the direct side): drop IFD >= 1 (the prompt does not help), best first.
     "ifd": {
         "score": "ifd",
         "order": "desc",
         "requires": "lm",
         "reject_if": ("ifd >= 1", reasons.IFD_NOT_BELOW_1),
     },
+    # Cherry LLM (data_analysis.py + data_by_IFD.py): its IFD, `if mean_rate > 1: continue`, top-k.
+    "cherry": {
+        "score": "ifd",
+        "order": "desc",
+        "requires": "lm",
+        "reject_if": ("ifd > 1", reasons.IFD_ABOVE_1),
+        "fixed": {"stages.lm.definition": "cherry"},
+    },
+    # Superfiltering (code_ifd/data_analysis.py + select_data.py): GPT-2-style IFD-ppl, keep
+    # ifd_ppl < filter_threash (1), best first.
     "superfilter": {
         "score": "ifd_ppl",
         "order": "desc",
         "requires": "lm",
         "reject_if": ("ifd_ppl >= 1", reasons.IFD_PPL_NOT_BELOW_1),
+        "fixed": {"stages.lm.definition": "superfiltering"},
+    },
+    # Superfiltering.D (code_diversity_fla/do_fla.py): the top IFD-ppl rows (10x the budget: the
+    # README's 20% then 2%), then facility location with submodlib's euclidean kernel on MiniLM
+    # embeddings of instruction/input/output (512 tokens).
+    "superfilter_d": {
+        "score": "ifd_ppl",
+        "order": "desc",
+        "requires": "lm",
+        "needs": "embed",
+        "selector": "facility_location",
+        "reject_if": ("ifd_ppl >= 1", reasons.IFD_PPL_NOT_BELOW_1),
+        "fixed": {
+            "stages.lm.definition": "superfiltering",
+            "stages.embed.text": "superfiltering",
+            "select.diversity.facility_similarity": "euclidean",
+        },
+        "defaults": {"stages.embed.max_seq_length": 512, "select.diversity.prefilter_ratio": 10},
     },
     # AlpaGasus: keep rows the judge rates >= 4.5 of 5, best first.
     "alpagasus": {
@@ -133,11 +167,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "order": "desc",
         "reject_if": ("judge_alpagasus < 4.5", reasons.ALPAGASUS_BELOW_4_5),
     },
-    # DEITA: best evol score first, skipping rows too close to one already kept.
+    # DEITA: best evol score first, skipping rows too close to one already kept (MiniLM by
+    # default, with its calibrated threshold; stages.embed.backend causal_lm is DEITA's own).
     "deita": {"score": "judge_deita_score", "order": "desc", "selector": "deita", "needs": "embed"},
-    # MoDS: k-center greedy over embeddings (a score, when set, only picks the first center).
+    # Winnow's k-center greedy (order-independent: a score, when set, picks the first center).
     "kcenter": {"score": None, "selector": "kcenter", "needs": "embed"},
-    # Superfiltering.D: facility location (coverage of the eligible rows), lazy greedy.
+    # MoDS (run.py, kcenter_greedy.py): k-center greedy on instruction-only embeddings from a
+    # seeded random first center.
+    "mods": {
+        "score": None,
+        "selector": "kcenter",
+        "needs": "embed",
+        "fixed": {"stages.embed.text": "mods", "select.diversity.kcenter_first": "random"},
+    },
+    # Winnow's facility location (cosine coverage of the eligible rows, lazy greedy).
     "facility_location": {"score": None, "selector": "facility_location", "needs": "embed"},
 }
 
@@ -145,10 +188,13 @@ PresetName = Literal[
     "random",
     "longest",
     "ifd",
+    "cherry",
     "superfilter",
+    "superfilter_d",
     "alpagasus",
     "deita",
     "kcenter",
+    "mods",
     "facility_location",
 ]
 
@@ -176,9 +222,50 @@ class DedupSpec(Strict):
 
 
 class DiversitySpec(Strict):
-    threshold: Annotated[float, Field(gt=0, le=1)] = Field(
-        default=0.9, description="deita: skip a row this similar (cosine) to one already kept"
+    """Options of the diversity selectors: Winnow's defaults, and each paper's reference
+    behaviour under its own values (engine.selection.diversity)."""
+
+    threshold: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        default=None,
+        description="deita: skip a row this similar (cosine) to one already kept; null = the "
+        "calibrated default of stages.embed.backend (causal_lm: DEITA's 0.9; "
+        "sentence_transformers: MiniLM's calibrated value)",
     )
+    kcenter_first: Literal["score", "random"] = Field(
+        default="score",
+        description="kcenter: score = the best ranking score, else a seeded hash (Winnow, "
+        "order-independent); random = MoDS: a seeded np.random choice, Euclidean distance, "
+        "ties to the first row in input order",
+    )
+    facility_similarity: Literal["cosine", "euclidean"] = Field(
+        default="cosine",
+        description="facility_location: cosine = max(0, cos), ties by id (Winnow); euclidean = "
+        "submodlib's exp(-|a-b|/dim) kernel, dense, LazyGreedy ties (Superfiltering.D)",
+    )
+    prefilter_rows: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="facility_location: first keep this many best rows by the ranking score "
+        "(Superfiltering.D's ifd_num)",
+    )
+    prefilter_ratio: Annotated[float, Field(ge=1)] | None = Field(
+        default=None,
+        description="facility_location: first keep ratio x budget best rows by the ranking "
+        "score (Superfiltering.D's README setting, 20% then 2%: 10)",
+    )
+
+    @model_validator(mode="after")
+    def _one_prefilter(self) -> DiversitySpec:
+        if self.prefilter_rows is not None and self.prefilter_ratio is not None:
+            raise ValueError("set prefilter_rows or prefilter_ratio, not both")
+        return self
+
+    def prefilter(self, k: int) -> int | None:
+        """Rows the facility-location prefilter keeps for a budget of `k` (None: no prefilter)."""
+        if self.prefilter_rows is not None:
+            return self.prefilter_rows
+        if self.prefilter_ratio is not None:
+            return max(k, int(-((1e-9 - self.prefilter_ratio * k) // 1)))  # ceil
+        return None
 
 
 class QuotaSpec(Strict):
@@ -230,6 +317,10 @@ class SelectSpec(Strict):
         default=None, description="rows (int >= 1) or a fraction of eligible rows (0 < f <= 1)"
     )
     filters: list[FilterSpec] = Field(default_factory=lambda: list(DEFAULT_FILTERS))
+    hygiene: HygieneSpec = Field(
+        default_factory=HygieneSpec,
+        description="rules for degenerate rows, applied under every preset in addition to filters",
+    )
     dedup: DedupSpec = Field(default_factory=DedupSpec)
     diversity: DiversitySpec = Field(default_factory=DiversitySpec)
     quota: QuotaSpec | None = None
@@ -266,8 +357,10 @@ class SelectSpec(Strict):
         return self.dedup.keep_by or self.ranking_score() or "assistant_chars"
 
     def rules(self) -> list[Rule]:
-        """The configured filters, then the preset's own rule (e.g. `ifd >= 1` for `ifd`)."""
+        """The configured filters, the hygiene rules (whatever `filters` says), then the preset's
+        own rule (e.g. `ifd >= 1` for `ifd`)."""
         rules = [f.rule() for f in self.filters]
+        rules.extend(self.hygiene.rules())
         preset_rule = PRESETS[self.preset].get("reject_if")
         if preset_rule:
             rules.append(Rule.parse(*preset_rule))
@@ -295,6 +388,48 @@ def _stages_model() -> type[BaseModel]:
 StagesSpec = _stages_model()
 
 
+def _apply_preset_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """Fill in the settings the job's preset prescribes (`PRESETS[name]["fixed"|"defaults"]`,
+    dotted paths from the job's root).
+
+    A preset that reproduces a paper fixes how its score is computed (`cherry` scores with Cherry
+    LLM's IFD definition): a `fixed` field the job leaves unset gets the preset's value, and one
+    set to another value is an error naming it, because the result would no longer be the paper's
+    (pick the Winnow preset, or `select.score`, to rank by a differently computed signal).
+    `defaults` are the paper's parameters (e.g. Superfiltering.D's pre-filter ratio): filled in
+    where unset, a job may change them.
+    """
+    select = data.get("select")
+    name = select.get("preset") if isinstance(select, dict) else getattr(select, "preset", None)
+    preset = PRESETS.get(name or "longest", {})
+    prescribed = [(p, v, True) for p, v in preset.get("fixed", {}).items()]
+    prescribed += [(p, v, False) for p, v in preset.get("defaults", {}).items()]
+    if not prescribed:
+        return data
+    data = dict(data)
+    for path, value, fixed in prescribed:
+        *parents, leaf = path.split(".")
+        block: Any = data
+        for key in parents:
+            child = block.get(key)
+            if child is None:
+                child = {}
+            if not isinstance(child, dict):
+                break  # a non-mapping block is reported by that field's own validation
+            block[key] = child = dict(child)
+            block = child
+        else:
+            if leaf not in block:
+                block[leaf] = value
+            elif fixed and block[leaf] != value:
+                raise ValueError(
+                    f"{path}: preset {name} computes its score with {path} = {value!r} (the "
+                    f"paper's method); got {block[leaf]!r}. Use another preset, or select.score "
+                    "to rank by a differently computed signal"
+                )
+    return data
+
+
 class JobSpec(Strict):
     inputs: Annotated[list[InputSpec], Field(min_length=1)]
     out: str | None = None
@@ -305,6 +440,11 @@ class JobSpec(Strict):
     spark: SparkSpec = Field(default_factory=SparkSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
     stages: StagesSpec = Field(default_factory=StagesSpec)  # type: ignore[valid-type]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_settings(cls, data: Any) -> Any:
+        return _apply_preset_settings(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _columns_exist(self) -> JobSpec:

@@ -27,7 +27,8 @@ RAW_SCHEMA = pa.schema(
     ]
 )
 
-TURN_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+# `input`: the Alpaca/Dolly input kept verbatim on the user turn (null elsewhere; engine.records).
+TURN_TYPE = pa.struct([("role", pa.string()), ("content", pa.string()), ("input", pa.string())])
 
 PARSED_SCHEMA = pa.schema(
     [

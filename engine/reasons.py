@@ -42,6 +42,7 @@ def wrong_type(name: str) -> str:
 
 # -- Signals: why a signal is NaN for a row (the `<signal>_reason` columns) --------------------
 NO_SCORABLE_ANSWER = "no_scorable_answer"  # lm: no assistant turn with an instruction before it
+LM_PROMPT_TOO_LONG = "lm_prompt_too_long"  # lm (definition cherry): the prompt fills max_length
 JUDGE_UNPARSED = "judge_unparsed"  # the judge's reply gave no score
 JUDGE_NO_TURN = "judge_no_turn"  # no assistant turn with a user turn before it
 JUDGE_INJECTION = "judge_injection"  # record text addresses the grader: lowest score, no call
@@ -56,8 +57,33 @@ SEMANTIC_DUPLICATE = "semantic_duplicate"
 TOO_SIMILAR = "too_similar"  # deita: too close to a row already kept
 BELOW_BUDGET = "below_budget"
 
+# Hygiene (select.hygiene, engine.selection.hygiene): applied under every preset, after the
+# configured filters. The instruction side's reasons carry the `instruction_` prefix.
+DUPLICATE_LINES = "duplicate_lines"
+DUPLICATE_PARAGRAPHS = "duplicate_paragraphs"
+TOP_NGRAM_REPETITION = "top_ngram_repetition"
+REPETITIVE_NGRAMS = "repetitive_ngrams"
+LOW_COMPRESSION_RATIO = "low_compression_ratio"
+RESPONSE_TOO_LONG = "response_too_long"
+RESPONSE_TOO_MANY_TOKENS = "response_too_many_tokens"
+INSTRUCTION_PREFIX = "instruction_"
+_SIDED_HYGIENE = (
+    DUPLICATE_LINES,
+    DUPLICATE_PARAGRAPHS,
+    TOP_NGRAM_REPETITION,
+    REPETITIVE_NGRAMS,
+    LOW_COMPRESSION_RATIO,
+)
+HYGIENE_REASONS = (
+    *_SIDED_HYGIENE,
+    *(INSTRUCTION_PREFIX + reason for reason in _SIDED_HYGIENE),
+    RESPONSE_TOO_LONG,
+    RESPONSE_TOO_MANY_TOKENS,
+)
+
 # Presets' own rules (the paper's threshold), e.g. `ifd` drops IFD >= 1.
 IFD_NOT_BELOW_1 = "ifd_not_below_1"
+IFD_ABOVE_1 = "ifd_above_1"  # cherry: Cherry LLM keeps IFD == 1 (`if mean_rate > 1: continue`)
 IFD_PPL_NOT_BELOW_1 = "ifd_ppl_not_below_1"
 ALPAGASUS_BELOW_4_5 = "judge_alpagasus_below_4.5"
 
@@ -70,13 +96,16 @@ RESERVED_REASONS = (
     LANG_NOT_ALLOWED,
     SCORE_MISSING,
     NO_SCORABLE_ANSWER,
+    LM_PROMPT_TOO_LONG,
     JUDGE_UNPARSED,
     JUDGE_NO_TURN,
     JUDGE_INJECTION,
     RM_NO_TURN,
     IFD_NOT_BELOW_1,
+    IFD_ABOVE_1,
     IFD_PPL_NOT_BELOW_1,
     ALPAGASUS_BELOW_4_5,
+    *HYGIENE_REASONS,
     *QUARANTINE_REASONS,
 )
 

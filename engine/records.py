@@ -5,6 +5,12 @@ Every input schema (Alpaca, Dolly, ShareGPT, OpenAI `messages`) is turned into t
 the *normalised* conversation, so the same content gets the same id in every source and every run:
 that is what makes exact-duplicate removal and the score cache work.
 
+Alpaca and Dolly rows carry their `input` (Dolly: `context`) twice: merged into the user turn's
+`content` (`instruction\n\ninput`, what every signal reads) and, when not empty, verbatim under the
+user turn's own `input` key, so that IFD's reference definitions (engine.signals.lm: Cherry LLM's
+with-input Alpaca template, Superfiltering's `{instruction}\n{input}\n`) can rebuild the
+instruction/input split. The id hashes role and content only: the `input` key never changes it.
+
 Everything here is pure Python: Spark's pandas UDFs and the single-process baseline call it alike.
 """
 
@@ -104,9 +110,24 @@ def _text_field(record: Mapping[str, Any], name: str, required: bool = True) -> 
 
 
 def _prompt_turns(instruction: str, extra: str) -> Conversation:
-    """Alpaca/Dolly: the input (or context) follows the instruction, as in the Alpaca template."""
+    """Alpaca/Dolly: the input (or context) follows the instruction, as in the Alpaca template;
+    a non-empty input is also kept verbatim under `input` (see the module docstring)."""
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    return [{"role": "user", "content": prompt}]
+    user = {"role": "user", "content": prompt}
+    if extra:
+        user["input"] = extra
+    return [user]
+
+
+def split_input(message: Mapping[str, Any]) -> tuple[str, str]:
+    """A user turn as (instruction, input): the Alpaca/Dolly split kept by ingest, or
+    (content, "") for a turn without an `input` (ShareGPT, messages, records from before it)."""
+    content, extra = message["content"], message.get("input") or ""
+    suffix = f"\n\n{extra}"
+    if extra and extra.strip() and content.endswith(suffix):
+        return content[: -len(suffix)], extra
+    # A blank input was left out of the content, but the references still see it (input != "").
+    return content, extra
 
 
 def _from_alpaca(record: Mapping[str, Any]) -> Conversation:
@@ -181,8 +202,7 @@ def to_canonical(record: Any, schema: str) -> Canonical:
         raise RecordError(reasons.NOT_AN_OBJECT, type(record).__name__)
     conversation = _CONVERTERS[schema](record)
     conversation = [
-        {"role": m["role"], "content": unicodedata.normalize("NFC", m["content"])}
-        for m in conversation
+        {key: unicodedata.normalize("NFC", value) for key, value in m.items()} for m in conversation
     ]
     if not conversation or all(not normalise_text(m["content"]) for m in conversation):
         raise RecordError(reasons.EMPTY_CONVERSATION)

@@ -31,6 +31,7 @@ def test_defaults() -> None:
     assert job.select.preset == "longest"
     assert job.select.ranking_score() == "assistant_chars"
     assert [f.reason for f in job.select.filters][:2] == ["empty_response", "refusal"]
+    assert job.select.hygiene.enabled and job.select.hygiene.max_response_chars == 65_536
     assert job.stages.tokens.trust_remote_code is False
     assert job.spark.master == "local[*]"
 
@@ -39,6 +40,17 @@ def test_defaults() -> None:
     ("data", "message"),
     [
         ({"inputs": [{"path": "a"}], "selct": {}}, "selct: Extra inputs are not permitted"),
+        (
+            {"inputs": [{"path": "a"}], "select": {"hygiene": {"max_respons_chars": 9}}},
+            "select.hygiene.max_respons_chars: Extra inputs are not permitted",
+        ),
+        (
+            {
+                "inputs": [{"path": "a"}],
+                "select": {"hygiene": {"response": {"min_compression_ratio": 2}}},
+            },
+            "select.hygiene.response.min_compression_ratio",
+        ),
         ({"inputs": [{"path": "a", "fromat": "x"}]}, "inputs.0.fromat"),
         ({"inputs": []}, "inputs: List should have at least 1 item"),
         ({"inputs": [{"path": "a"}], "select": {"budget": 0}}, "select.budget"),

@@ -267,3 +267,184 @@ def test_facility_location_sparse_graph_tracks_dense() -> None:
     assert abs(facility_value(sim, list(np.flatnonzero(complete)), rows) - exact) <= 1e-3 * exact
     assert facility_value(sim, list(np.flatnonzero(sparse)), rows) >= 0.95 * exact
     assert sparse.sum() == 20
+
+
+# ---- the papers' reference behaviours -----------------------------------------------------
+
+
+def mods_reference(features: np.ndarray, k: int, seed: int) -> list[int]:
+    """MoDS' `kCenterGreedy.select_batch_` (diverse-data-selection/kcenter_greedy.py), its loop
+    written out: global np.random seeded, sklearn's pairwise_distances, np.argmax."""
+    from sklearn.metrics import pairwise_distances
+
+    np.random.seed(seed)
+    already: list[int] = []
+    min_distances = None
+    for _ in range(k):
+        if not already:
+            ind = np.random.choice(np.arange(features.shape[0]))
+        else:
+            ind = int(np.argmax(min_distances))
+        dist = pairwise_distances(features, features[[ind]], metric="euclidean")
+        min_distances = (
+            np.min(dist, axis=1).reshape(-1, 1)
+            if min_distances is None
+            else np.minimum(min_distances, dist)
+        )
+        already.append(int(ind))
+    return already
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 80), st.integers(1, 30))
+def test_kcenter_random_first_is_mods_reference(seed: int, n: int, k: int) -> None:
+    vectors = clustered(seed, n, 8, 4, 0.5)
+    # Distinct points only: the reference asserts once every distance is 0.
+    assume(len(np.unique(vectors.round(5), axis=0)) == n)
+    k = min(k, n)
+    ids = make_ids(n, seed)
+    expected = mods_reference(vectors.astype(np.float64), k, seed)
+    chosen = kcenter_select(vectors, ids, np.ones(n, bool), k, seed=seed, first="random")
+    assert set(np.flatnonzero(chosen)) == set(expected)
+    # Ineligible rows are left out before the draw: the reference run on the eligible rows.
+    eligible = np.random.default_rng(seed).random(n) < 0.7
+    assume(eligible.sum() >= 1)
+    rows = np.flatnonzero(eligible)
+    sub = mods_reference(vectors[rows].astype(np.float64), min(k, rows.size), seed)
+    got = kcenter_select(vectors, ids, eligible, k, seed=seed, first="random")
+    assert set(np.flatnonzero(got)) == set(rows[sub])
+
+
+def test_kcenter_random_hand_worked() -> None:
+    """Points on a line at 0, 1, 3, 10 (unit length does not matter to the reference)."""
+    points = np.array([[0.0, 0], [1, 0], [3, 0], [10, 0]], dtype=np.float32)
+    ids = np.array(["d", "c", "b", "a"])
+    first = int(np.random.RandomState(7).choice(np.arange(4)))
+    chosen = kcenter_select(points, ids, np.ones(4, bool), 2, seed=7, first="random")
+    farthest = {0: 3, 1: 3, 2: 3, 3: 0}[first]  # 10 is farthest from 0, 1, 3; 0 from 10
+    assert set(np.flatnonzero(chosen)) == {first, farthest}
+    # Equal distances go to the first row in input order (np.argmax), not to the smallest id.
+    tie = np.array([[0.0, 0], [-1, 0], [1, 0]], dtype=np.float32)
+    seed = next(s for s in range(100) if np.random.RandomState(s).choice(np.arange(3)) == 0)
+    got = kcenter_select(tie, np.array(["z", "y", "x"]), np.ones(3, bool), 2, seed, first="random")
+    assert np.flatnonzero(got).tolist() == [0, 1]
+
+
+def submodlib_reference(vectors: np.ndarray, k: int) -> list[int]:
+    """submodlib's FacilityLocation (dense, metric="euclidean") + LazyGreedyOptimizer, written
+    from the C++: kernel exp(-||a-b|| * float(1/dim)) per pair in float32 (diagonal 1); a max-heap
+    of (gain, index); the popped element is taken when its fresh gain >= the next stale bound."""
+    n, dim = vectors.shape
+    gamma = np.float32(1.0 / dim)
+    kernel = np.ones((n, n), dtype=np.float32)
+    for r in range(n):
+        for c in range(r + 1, n):
+            distance = np.float32(np.linalg.norm(vectors[r].astype(np.float64) - vectors[c]))
+            kernel[r, c] = kernel[c, r] = np.float32(np.exp(-np.float64(distance * gamma)))
+    nearest = np.zeros(n, dtype=np.float32)
+
+    def gain(j: int) -> float:
+        return float(np.sum(np.maximum(kernel[:, j].astype(np.float64) - nearest, 0.0)))
+
+    heap = sorted(((gain(j), j) for j in range(n)), reverse=True)  # max first, larger index
+    chosen: list[int] = []
+    while len(chosen) < k:
+        _, j = heap.pop(0)
+        fresh = gain(j)
+        if not heap or fresh >= heap[0][0]:
+            chosen.append(j)
+            nearest = np.maximum(nearest, kernel[:, j])
+        else:
+            heap.append((fresh, j))
+            heap.sort(reverse=True)
+    return chosen
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 40), st.integers(1, 15))
+def test_facility_location_euclidean_is_submodlib(seed: int, n: int, k: int) -> None:
+    vectors = clustered(seed, n, 6, 4, 0.5)
+    ids = make_ids(n, seed)
+    k = min(k, n)
+    expected = submodlib_reference(vectors, k)
+    for dense_max_rows in (4_096, 0):  # dense kernel, and columns recomputed on demand
+        chosen = facility_location_select(
+            vectors, ids, np.ones(n, bool), k, similarity="euclidean", dense_max_rows=dense_max_rows
+        )
+        assert set(np.flatnonzero(chosen)) == set(expected)
+
+
+def test_facility_location_hand_worked_ties() -> None:
+    """x2 = (0, 1) covers both others best; x0 = (1, 0) and x1 = (-1, 0) then gain the same.
+
+    euclidean (submodlib): s = exp(-d / 2); initial gains x0 = x1 = 1 + e^-1 + e^(-sqrt2/2) <
+    x2 = 1 + 2 e^(-sqrt2/2): x2 first. x0 and x1 both have the stale bound; the heap pops the
+    larger index (x1) first, its fresh gain 1 - e^(-sqrt2/2) is below x0's stale bound, so it
+    goes back; then x0 pops, its fresh gain equals x1's and `>=` takes it: the SMALLER index
+    wins this tie (submodlib itself picks [2, 0] here, and [2, 1] with the rows reordered so
+    that x1 comes first: checked against submodlib-py 0.0.3).
+    cosine (Winnow): every column sums to 1 (cos 0 or -1 clip to 0): ties by id, a then b.
+    """
+    points = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    ids = np.array(["a", "b", "c"])
+    everyone = np.ones(3, bool)
+
+    def picks(**options: object) -> list[int]:
+        chosen = facility_location_select(points, ids, everyone, 2, **options)
+        return np.flatnonzero(chosen).tolist()
+
+    assert picks(similarity="euclidean") == [0, 2]
+    assert submodlib_reference(points, 2) == [2, 0]
+    assert picks(similarity="cosine") == [0, 1]
+    # Sorted by score x1 (3), x2 (2), x0 (1): the reference's order is x1, x2, x0, so x1 is
+    # now the smaller index and wins (submodlib on rows [x1, x2, x0] picks [x2, x1]).
+    scores = np.array([1.0, 3.0, 2.0])
+    assert picks(similarity="euclidean", scores=scores) == [1, 2]
+    assert submodlib_reference(points[[1, 2, 0]], 2) == [1, 0]
+    # The prefilter keeps the best 2 by score (x1, x2) before facility location.
+    assert picks(similarity="euclidean", scores=scores, prefilter=2) == [1, 2]
+    one = facility_location_select(points, ids, everyone, 1, scores=scores, prefilter=1)
+    assert np.flatnonzero(one).tolist() == [1]
+
+
+def test_facility_location_prefilter_skips_nan_and_keeps_the_best() -> None:
+    vectors = clustered(5, 60, 8, 5, 0.5)
+    ids = make_ids(60, 5)
+    scores = np.random.default_rng(5).random(60)
+    scores[:10] = np.nan
+    scores[10] = 99.0  # the best row is in the pool
+    eligible = np.ones(60, bool)
+    eligible[11] = False
+    for similarity in ("cosine", "euclidean"):
+        chosen = facility_location_select(
+            vectors, ids, eligible, 5, similarity=similarity, scores=scores, prefilter=20
+        )
+        pool = best_first(scores, ids, np.flatnonzero(eligible & ~np.isnan(scores)))[:20]
+        assert chosen.sum() == 5 and set(np.flatnonzero(chosen)) <= set(pool)
+        # The same pool without a prefilter, run on the pool alone, gives the same rows.
+        alone = np.zeros(60, bool)
+        alone[pool] = True
+        again = facility_location_select(
+            vectors, ids, alone, 5, similarity=similarity, scores=scores
+        )
+        assert set(np.flatnonzero(again)) == set(np.flatnonzero(chosen))
+
+
+def test_submodlib_kernel_values() -> None:
+    from engine.selection.diversity import submodlib_euclidean_kernel
+
+    a = np.array([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
+    kernel = submodlib_euclidean_kernel(a, a)
+    assert kernel.dtype == np.float32
+    assert kernel[0, 0] == 1.0 and kernel[1, 1] == 1.0
+    assert kernel[0, 1] == np.float32(np.exp(-np.sqrt(2.0) * np.float32(1 / 3)))
+
+
+def test_deita_threshold_defaults_follow_the_backend() -> None:
+    from engine.selection.diversity import DEITA_THRESHOLDS, deita_threshold
+
+    assert deita_threshold(None, "causal_lm") == 0.9  # DEITA's own, in an LLM's space
+    assert (
+        deita_threshold(None, "sentence_transformers") == DEITA_THRESHOLDS["sentence_transformers"]
+    )
+    assert deita_threshold(0.8, "sentence_transformers") == 0.8

@@ -125,3 +125,131 @@ def test_embeddings_match_direct_encode_and_cache(
     texts = [record_text(c, "instruction") for c in records["conversation"]]
     direct = model.encode(texts[:5], normalize_embeddings=True, convert_to_numpy=True)
     assert np.sum(instruction[:5] * direct, axis=1).min() > 0.9999
+
+
+def test_reference_text_choices_are_byte_identical() -> None:
+    """mods, superfiltering and deita texts, on records made by the real ingest conversion."""
+    from engine.records import to_canonical
+    from engine.signals.embed import VICUNA_V11_SYSTEM
+
+    with_input = to_canonical(
+        {"instruction": "Sum the numbers.", "input": "3, 4", "output": "7"}, "alpaca"
+    ).conversation
+    without = to_canonical(
+        {"instruction": "Name a colour.", "input": "", "output": "Blue."}, "alpaca"
+    ).conversation
+    # MoDS run.py: d["instruction"] alone.
+    assert record_text(with_input, "mods") == "Sum the numbers."
+    assert record_text(with_input, "instruction") == "Sum the numbers.\n\n3, 4"
+    # Superfiltering do_fla.py (emb_type whole): instruction + '\n' + input + '\n' + output.
+    assert record_text(with_input, "superfiltering") == "Sum the numbers.\n3, 4\n7"
+    assert record_text(without, "superfiltering") == "Name a colour.\n\nBlue."
+    # DEITA vicuna_v1.1 (ADD_COLON_TWO): system + " ", "USER: q ", "ASSISTANT: a</s>".
+    assert VICUNA_V11_SYSTEM == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the user's questions."
+    )
+    assert record_text(without, "deita") == (
+        f"{VICUNA_V11_SYSTEM} USER: Name a colour. ASSISTANT: Blue.</s>"
+    )
+    multi = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "assistant", "content": "Welcome."},  # the reference drops a first non-user turn
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": ""},  # an empty message is "ROLE:" with no separator
+        {"role": "user", "content": "Again?"},
+        {"role": "assistant", "content": "Hello."},
+    ]
+    assert record_text(multi, "deita") == (
+        f"{VICUNA_V11_SYSTEM} USER: Hi? ASSISTANT:USER: Again? ASSISTANT: Hello.</s>"
+    )
+    assert record_text(multi, "mods") == "Hi?"
+    assert record_text(multi, "superfiltering") == "Hi?\n\nWelcome."
+
+
+@pytest.fixture(scope="module")
+def smollm2_path() -> str:
+    from engine.models import resolve_model
+
+    return resolve_model("builtin:smollm2-135m")
+
+
+def test_causal_lm_embedder_is_deitas_last_token_hidden_state(
+    alpaca_rows: list[dict], smollm2_path: str
+) -> None:
+    """The backend, batched and padded, against DEITA's computation one text at a time: the
+    tokenizer's own call, `hidden_states[-1]` at the last token, then L2-normalised."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.backends import embedder
+    from engine.records import to_canonical
+
+    texts = [
+        record_text(to_canonical(row, "alpaca").conversation, "deita") for row in alpaca_rows[:6]
+    ]
+    texts.append("")  # no token at all: still a vector
+    with embedder(
+        smollm2_path,
+        backend="causal_lm",
+        dtype="float32",
+        use_gpu=False,
+        num_threads=1,
+        max_seq_length=None,
+        batch_size=4,
+        trust_remote_code=False,
+    ) as model:
+        got = model.embed(texts)
+        assert model.max_length == 2048 and model.dim == 576
+        short = type(model)(smollm2_path, dtype="float32", num_threads=1, max_seq_length=16)
+        truncated = short.embed(texts[:2])
+    assert got.shape == (7, 576) and got.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    lm = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+
+    def reference(text: str, max_length: int = 2048) -> np.ndarray:
+        ids = tokenizer(text, return_tensors="pt", max_length=max_length, truncation=True)
+        with torch.no_grad():
+            hidden = lm(**ids, output_hidden_states=True).hidden_states[-1][0, -1]
+        vector = hidden.numpy().astype(np.float64)
+        return vector / np.linalg.norm(vector)
+
+    for i, text in enumerate(texts[:6]):
+        assert float(got[i] @ reference(text)) > 0.9999, i
+    for i, text in enumerate(texts[:2]):
+        assert float(truncated[i] @ reference(text, 16)) > 0.9999, i
+    assert float(truncated[0] @ got[0]) < 0.99  # truncation really changed what is embedded
+    assert np.isfinite(got[6]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_causal_lm_backend_through_the_stage(
+    tmp_path: Path, alpaca_rows: list[dict], spark, smollm2_path: str
+) -> None:
+    """`backend: causal_lm` (default model: the built-in SmolLM2) on the Ray pool equals the
+    backend called directly on the same DEITA texts; its fingerprint differs from MiniLM's."""
+    from engine.backends.clm_embedder import CausalLMEmbedder
+
+    rows = alpaca_rows[:10]
+    job, run = _ingested_run(
+        tmp_path, rows, spark, backend="causal_lm", text="deita", dtype="float32"
+    )
+    assert job.stages.embed.model_name() == "builtin:smollm2-135m"
+    info = run_stage("embed", job, run)
+    assert info["dim"] == 576 and info["rows"] == 10
+    vectors = _sidecar(run)
+    matrix = np.stack(vectors["embedding"].to_numpy())
+    records = _records(run).loc[vectors.index]
+    texts = [record_text(c, "deita") for c in records["conversation"]]
+    assert all(t.endswith("</s>") for t in texts)
+    with CausalLMEmbedder(smollm2_path, dtype="float32", num_threads=1) as direct:
+        expected = direct.embed(texts)
+    assert np.sum(matrix * expected, axis=1).min() > 0.9999
+    minilm, _ = _ingested_run(tmp_path / "minilm", rows, spark, text="deita")
+    from engine.stages.registry import STAGES
+
+    stage = next(s for s in STAGES if s.name == "embed")
+    assert stage.fingerprint(minilm) != stage.fingerprint(job)

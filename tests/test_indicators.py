@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -12,11 +14,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.signals.indicators import (
+    COMPRESSION_MIN_CHARS,
+    DUP_NGRAM_SIZES,
+    GOPHER_MIN_WORDS,
     INDICATOR_COLUMNS,
     INDICATOR_SCHEMA,
     REFUSAL_PATTERNS,
+    REPETITION_MAX_CHARS,
+    TOP_NGRAM_SIZES,
+    _dup_ngram_chars_hashed,
+    _dup_ngram_chars_strings,
+    _Joined,
     _required_literal,
+    _top_ngram_chars_hashed,
+    _top_ngram_chars_strings,
+    compression_ratio,
     compute_indicators,
+    gopher_duplicate_ngram_chars,
+    gopher_repetition,
+    gopher_top_ngram_chars,
+    gopher_words,
     indicators_frame,
     is_refusal,
     mtld,
@@ -40,7 +57,8 @@ def test_single_turn_hand_checked() -> None:
         msg("user", "What is 2+2?"),  # 12 chars; what, is, 2, 2
         msg("assistant", "It is 4."),  # 8 chars; it, is, 4 -> all unique: MTLD = 3
     ]
-    assert compute_indicators(conv) == {
+    row = compute_indicators(conv)
+    assert {k: row[k] for k in list(row)[:12]} == {
         "turns": 1,
         "system_chars": 9,
         "user_chars": 12,
@@ -52,7 +70,14 @@ def test_single_turn_hand_checked() -> None:
         "refusal": False,
         "repeated_line_ratio": 0.0,
         "non_printable_ratio": 0.0,
+        "longest_response_chars": 8,
     }
+    # Both sides are under GOPHER_MIN_WORDS and COMPRESSION_MIN_CHARS: nothing is measured.
+    repetition = [
+        k for k in row if k.startswith(("assistant_", "user_")) and k.endswith(("_frac", "_ratio"))
+    ]
+    assert len(repetition) == 28
+    assert all(math.isnan(row[k]) for k in repetition)
 
 
 def test_word_tokens_lowercase_unicode() -> None:
@@ -450,3 +475,270 @@ def test_property_mtld(tokens: list[str]) -> None:
     assert value > 0.0
     if len(set(tokens)) == len(tokens):
         assert value == len(tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Repetition (Gopher's rules) and compression
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gopher_words_split_punctuation_keep_case() -> None:
+    assert gopher_words("Hello, World!! it's 2_000...") == [
+        "Hello",
+        ",",
+        "World",
+        "!!",
+        "it",
+        "'",
+        "s",
+        "2_000",
+        "...",
+    ]
+    assert gopher_words(" \n\t") == []
+
+
+def test_gopher_repetition_hand_worked_lines() -> None:
+    # lines a | b | a: one duplicate of three, 1 of 5 characters; one paragraph, no duplicate.
+    # words a b a: 2-grams "a b", "b a" (once each; the first wins the tie): 3 / 5;
+    # the 3-gram "a b a": 5 / 5; no 4-gram, no 5-gram.
+    stats = dict(zip(NAMES, gopher_repetition("a\nb\na"), strict=True))
+    assert stats["dup_line_frac"] == pytest.approx(1 / 3)
+    assert stats["dup_line_char_frac"] == pytest.approx(1 / 5)
+    assert stats["dup_para_frac"] == 0.0
+    assert stats["dup_para_char_frac"] == 0.0
+    assert stats["top_2gram_char_frac"] == pytest.approx(3 / 5)
+    assert stats["top_3gram_char_frac"] == pytest.approx(1.0)
+    assert stats["top_4gram_char_frac"] == 0.0
+    assert all(stats[f"dup_{n}gram_char_frac"] == 0.0 for n in DUP_NGRAM_SIZES)
+
+
+def test_gopher_repetition_hand_worked_paragraphs() -> None:
+    text = "p one\n\np two\n\n\np one\n"  # 21 characters; stripped: 3 paragraphs
+    stats = dict(zip(NAMES, gopher_repetition(text), strict=True))
+    assert stats["dup_para_frac"] == pytest.approx(1 / 3)
+    assert stats["dup_para_char_frac"] == pytest.approx(5 / 21)
+    # lines (split on \n+, not stripped): "p one", "p two", "p one", "" -> 1 of 4, 5 of 21.
+    assert stats["dup_line_frac"] == pytest.approx(1 / 4)
+    assert stats["dup_line_char_frac"] == pytest.approx(5 / 21)
+
+
+def test_gopher_ngrams_hand_worked() -> None:
+    words = list("abcde" * 3)  # joined with spaces: a text of 29 characters
+    # 5-grams: abcde bcdea cdeab deabc eabcd are new; at 5 "abcde" repeats (+5, jump to 10),
+    # at 10 it repeats again (+5, jump to 15, past the last start 10): 10 characters.
+    assert gopher_duplicate_ngram_chars(words, 5) == 10
+    # 10-grams start at 0..5; the one at 5 equals the one at 0: 10 characters.
+    assert gopher_duplicate_ngram_chars(words, 10) == 10
+    # 11-grams start at 0..4, all different: nothing repeats.
+    assert gopher_duplicate_ngram_chars(words, 11) == 0
+    # "a b" .. "d e" occur 3 times, "e a" twice; the first of the most frequent: "a b".
+    assert gopher_top_ngram_chars(words, 2) == 3 * 3
+    assert gopher_top_ngram_chars(words, 16) == 0
+    stats = dict(zip(NAMES, gopher_repetition(" ".join(words), words), strict=True))
+    assert stats["dup_5gram_char_frac"] == pytest.approx(10 / 29)
+    assert stats["top_2gram_char_frac"] == pytest.approx(9 / 29)
+    # Joins differ as in datatrove: top n-grams keep their spaces, duplicate n-grams drop them.
+    assert gopher_duplicate_ngram_chars(["ab", "c", "a", "bc"], 2) == 3  # "abc" == "abc"
+    assert gopher_top_ngram_chars(["ab", "c", "a", "bc"], 2) == 4  # "ab c" != "a bc"
+
+
+def test_gopher_repetition_empty_text_is_nan() -> None:
+    assert all(math.isnan(v) for v in gopher_repetition(""))
+
+
+NAMES = (
+    "dup_line_frac",
+    "dup_para_frac",
+    "dup_line_char_frac",
+    "dup_para_char_frac",
+    *(f"top_{n}gram_char_frac" for n in TOP_NGRAM_SIZES),
+    *(f"dup_{n}gram_char_frac" for n in DUP_NGRAM_SIZES),
+)
+
+
+def _datatrove_reference(text: str, words: list[str]) -> dict[str, float]:
+    """datatrove's GopherRepetitionFilter.filter, written out from its source (v0.x), with each
+    statistic recorded instead of compared with its threshold."""
+
+    def find_duplicates(x: list[str]) -> tuple[int, int]:
+        unique_x: set[str] = set()
+        duplicate_chars = duplicate_elements = 0
+        for element in x:
+            if element in unique_x:
+                duplicate_chars += len(element)
+                duplicate_elements += 1
+            else:
+                unique_x.add(element)
+        return duplicate_elements, duplicate_chars
+
+    def find_all_duplicate(words: list[str], n: int) -> int:
+        n_words, unique, repeated_chars, idx = len(words), set(), 0, 0
+        while idx < n_words - n + 1:
+            n_gram = "".join(words[idx : idx + n])
+            if n_gram in unique:
+                repeated_chars += len(n_gram)
+                idx += n
+            else:
+                unique.add(n_gram)
+                idx += 1
+        return repeated_chars
+
+    out: dict[str, float] = {}
+    paragraphs = re.split(r"\n{2,}", text.strip())
+    dups, chars = find_duplicates(paragraphs)
+    out["dup_para_frac"], out["dup_para_char_frac"] = dups / len(paragraphs), chars / len(text)
+    lines = re.split("\n+", text)
+    dups, chars = find_duplicates(lines)
+    out["dup_line_frac"], out["dup_line_char_frac"] = dups / len(lines), chars / len(text)
+    for n in (2, 3, 4):
+        n_grams = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
+        top = 0
+        if n_grams:
+            gram, count = Counter(n_grams).most_common(1)[0]
+            top = len(gram) * count
+        out[f"top_{n}gram_char_frac"] = top / len(text)
+    for n in range(5, 11):
+        out[f"dup_{n}gram_char_frac"] = find_all_duplicate(words, n) / len(text)
+    return out
+
+
+repetitive_text = st.lists(
+    st.sampled_from(["the", "cat", "sat", "on", "a", "mat", ".", ",", "\n", "\n\n", "  "]),
+    min_size=1,
+    max_size=120,
+).map(" ".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(repetitive_text)
+def test_property_gopher_matches_datatrove_reference(text: str) -> None:
+    words = gopher_words(text)
+    expected = _datatrove_reference(text, words)
+    got = dict(zip(NAMES, gopher_repetition(text), strict=True))
+    assert got == pytest.approx(expected)
+    for name in ("dup_line_frac", "dup_para_frac", "dup_line_char_frac", "dup_para_char_frac"):
+        assert 0.0 <= got[name] <= 1.0
+    for n in DUP_NGRAM_SIZES:  # datatrove asserts repeated characters <= the words' characters
+        assert 0.0 <= got[f"dup_{n}gram_char_frac"] <= len("".join(words)) / len(text)
+
+
+long_words = st.lists(
+    st.sampled_from(["the", "cat", "sat", "on", "a", "mat", "ma", "t", "ca", ".", ","]),
+    min_size=10,
+    max_size=700,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(long_words)
+def test_property_hashed_ngram_walk_equals_the_string_walk(words: list[str]) -> None:
+    # Long messages take the hashed path, short ones the string walk; both are datatrove's.
+    # "ma"+"t" == "mat" and "ca"+"t" == "cat": joins that only the strings tell apart.
+    spaced, plain = _Joined(words, " "), _Joined(words, "")
+    for n in TOP_NGRAM_SIZES:
+        assert _top_ngram_chars_hashed(spaced, n) == _top_ngram_chars_strings(words, n)
+    for n in DUP_NGRAM_SIZES:
+        assert _dup_ngram_chars_hashed(plain, n) == _dup_ngram_chars_strings(words, n)
+
+
+class _Colliding(_Joined):
+    """Every n-gram hashes alike: the worst collision there can be."""
+
+    def ngrams(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        begin, end, hashes = super().ngrams(n)
+        return begin, end, np.zeros_like(hashes)
+
+
+def test_hash_collisions_never_change_a_result() -> None:
+    words = gopher_words(("one two three four five six seven eight nine ten. " * 3) + "x y z")
+    for n in TOP_NGRAM_SIZES:
+        expected = _top_ngram_chars_strings(words, n)
+        assert _top_ngram_chars_hashed(_Colliding(words, " "), n) == expected
+    for n in DUP_NGRAM_SIZES:
+        expected = _dup_ngram_chars_strings(words, n)
+        assert expected > 0
+        assert _dup_ngram_chars_hashed(_Colliding(words, ""), n) == expected
+
+
+def test_compression_ratio_values() -> None:
+    assert math.isnan(compression_ratio(""))
+    text = "Any text at all, é and 字 included."
+    data = text.encode("utf-8")
+    assert compression_ratio(text) == len(zlib.compress(data, 6)) / len(data)
+    repeated = "The quick brown fox jumps over the lazy dog. " * 200
+    assert compression_ratio(repeated) < 0.02
+    varied = " ".join(f"w{i * 7919 % 10007}" for i in range(400))
+    assert compression_ratio(varied) > 0.3
+
+
+SENTENCE = "The quick brown fox jumps over the lazy dog. "
+
+
+def test_degenerate_answer_one_sentence_on_one_line() -> None:
+    """The issue's row: one sentence repeated on a single line (2 MB). `repeated_line_ratio` is
+    0 for it; the new columns are not."""
+    answer = (SENTENCE * (2_000_000 // len(SENTENCE) + 1))[:2_000_000]
+    row = compute_indicators([msg("user", "Write a story."), msg("assistant", answer)])
+    assert row["repeated_line_ratio"] == 0.0
+    assert row["longest_response_chars"] == 2_000_000
+    assert row["assistant_compression_ratio"] < 0.01
+    # One 9-token sentence over and over: every 5..10-gram repeats after the first sentence;
+    # spaces are dropped from the joined n-grams, so the fraction tops out near 35/45 = 0.78.
+    for n in DUP_NGRAM_SIZES:
+        assert row[f"assistant_dup_{n}gram_char_frac"] > 0.75
+    assert math.isnan(row["user_compression_ratio"])  # a short instruction is not measured
+
+
+def test_side_statistics_are_per_message_and_take_the_worst() -> None:
+    clean = " ".join(f"word{i}" for i in range(80))  # 80 distinct words
+    looping = SENTENCE * 12  # 108 words, one sentence repeated
+    row = compute_indicators(
+        [
+            msg("user", "Go."),
+            msg("assistant", clean),
+            msg("user", "More."),
+            msg("assistant", looping),
+        ]
+    )
+    alone = compute_indicators([msg("user", "Go."), msg("assistant", looping)])
+    for name in NAMES:
+        assert row[f"assistant_{name}"] == alone[f"assistant_{name}"], name
+    assert row["assistant_compression_ratio"] == compression_ratio(looping)
+    # Within a message, not across: the same short request three times is no repetition.
+    again = [msg("user", "continue"), msg("assistant", clean)] * 3
+    stats = compute_indicators(again)
+    assert all(math.isnan(stats[f"user_{name}"]) for name in NAMES)
+    assert stats["assistant_dup_para_frac"] == 0.0  # three equal answers, each measured alone
+
+
+def test_side_statistics_minimum_sizes() -> None:
+    short = "yes yes yes yes"  # repetitive but under GOPHER_MIN_WORDS words
+    row = compute_indicators([msg("user", short), msg("assistant", short)])
+    assert all(math.isnan(row[f"assistant_{name}"]) for name in NAMES)
+    assert math.isnan(row["assistant_compression_ratio"])
+    at_min = " ".join(["yes"] * GOPHER_MIN_WORDS)
+    row = compute_indicators([msg("user", "q"), msg("assistant", at_min)])
+    assert row["assistant_dup_5gram_char_frac"] > 0.5
+    below = compute_indicators([msg("user", "q"), msg("assistant", at_min[4:])])  # 49 words
+    assert math.isnan(below["assistant_dup_5gram_char_frac"])
+    assert len(at_min) == COMPRESSION_MIN_CHARS - 1
+    assert math.isnan(row["assistant_compression_ratio"])
+    row = compute_indicators([msg("user", "q"), msg("assistant", at_min + "!")])
+    assert row["assistant_compression_ratio"] < 0.2
+    # A script without spaces is one \w+ run: no Gopher statistics, but a compression ratio.
+    han = "你好世界" * 300
+    row = compute_indicators([msg("user", "q"), msg("assistant", han)])
+    assert math.isnan(row["assistant_dup_5gram_char_frac"])
+    assert row["assistant_compression_ratio"] < 0.05
+
+
+def test_side_statistics_read_only_the_first_max_chars() -> None:
+    words = [f"w{i}" for i in range(REPETITION_MAX_CHARS)]
+    clean = " ".join(words)[:REPETITION_MAX_CHARS]  # exactly the budget, nothing repeats
+    looping = SENTENCE * 20
+    row = compute_indicators([msg("user", "q"), msg("assistant", clean), msg("assistant", looping)])
+    assert row["assistant_dup_5gram_char_frac"] == 0.0  # the looping turn is past the budget
+    assert row["assistant_compression_ratio"] > 0.2
+    assert row["longest_response_chars"] == REPETITION_MAX_CHARS  # the length is exact
+    head = compute_indicators([msg("user", "q"), msg("assistant", clean + looping)])
+    assert head["assistant_dup_5gram_char_frac"] == row["assistant_dup_5gram_char_frac"]

@@ -155,3 +155,46 @@ def test_killed_actor_loses_and_duplicates_nothing(tmp_path: Path, alpaca_rows: 
     sidecar = pd.read_parquet(tmp_path / "run" / "signals" / "lm")
     assert sidecar["id"].is_unique and len(sidecar) == manifest["ingest"]["unique"]
     assert sidecar["ifd"].notna().sum() >= len(sidecar) - 2
+
+
+def test_cherry_definition_end_to_end_matches_the_reference(
+    tmp_path: Path, alpaca_rows: list
+) -> None:
+    """`definition: cherry` through a real run (Spark ingest keeps each row's input on its user
+    turn, Ray scores it): the sidecar equals Cherry LLM's per-sample computation, rows with and
+    without input alike, with the definition's max_length 512 and fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.support.ifd_reference import cherry_ifd
+
+    rows = [r for r in alpaca_rows if r["input"]][:6] + [r for r in alpaca_rows if not r["input"]][
+        :3
+    ]
+    path = _write(tmp_path / "a.jsonl", rows)
+    job = parse_job(
+        {
+            "inputs": [{"path": str(path)}],
+            "signals": ["lm"],
+            "select": {"budget": 5, "dedup": NO_DEDUP},
+            "stages": {
+                "lm": {
+                    "definition": "cherry",
+                    "dtype": "float32",
+                    "resources": {"batch_size": 8, "num_cpus": 1},
+                    "cache": {"enabled": False},
+                }
+            },
+        }
+    )
+    assert job.stages.lm.max_length == 512
+    JobRunner(job, tmp_path / "run").execute()
+    scores = pd.read_parquet(tmp_path / "run" / "scores.parquet").sort_values("row")
+    model_path = resolve_model("builtin:smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    tokenizer = _tokenizer(model_path)
+    for row, (_, got) in zip(rows, scores.iterrows(), strict=True):
+        want = cherry_ifd(tokenizer, model, row, 512)
+        assert want is not None
+        for key in ("loss_cond", "loss_direct", "ifd"):
+            assert abs(got[key] - want[key]) <= 1e-4 * abs(want[key]), (key, row)

@@ -311,3 +311,52 @@ def test_bf16_close_to_fp32_on_smollm2(smollm2) -> None:
     assert np.mean(diff <= 2e-2) >= 0.75
     assert diff.max() <= 0.1
     assert np.corrcoef(ifd16, ifd32)[0, 1] >= 0.99
+
+
+def test_reference_definitions_plan_their_own_token_positions() -> None:
+    """Planning alone (no model), SmolLM2's tokenizer (no BOS): Cherry scores the answer after
+    '### Response:' from the prompt's token count on; Superfiltering's direct side is the bare
+    answer scored from its second token; a prompt that fills max_length is skipped with its
+    reason, and `record_signals` carries that reason."""
+    from transformers import AutoTokenizer
+
+    from engine import reasons
+    from engine.models import resolve_model
+    from engine.signals.lm import CHERRY_PROMPT_INPUT, plan_records
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m"))
+    answer = "The capital of France is Paris."
+    record = {
+        "instruction": "Answer the question.",
+        "input": "Capital of France?",
+        "output": answer,
+    }
+    conversation = to_canonical(record, "alpaca").conversation
+    long_record = {"instruction": "word " * 600, "output": answer}
+    conversations = [conversation, to_canonical(long_record, "alpaca").conversation]
+
+    cherry = plan_records(tokenizer, conversations, 512, definition="cherry")
+    (turn,) = cherry.turns
+    prompt = CHERRY_PROMPT_INPUT.format(instruction=record["instruction"], input=record["input"])
+    assert turn.cond.token_ids == tokenizer.encode(prompt + answer)
+    assert turn.cond.score_from == len(tokenizer.encode(prompt))
+    assert turn.direct.token_ids == tokenizer.encode("### Response:" + answer)
+    assert turn.direct.score_from == len(tokenizer.encode("### Response:")) == 3
+    assert cherry.skipped == {1: reasons.LM_PROMPT_TOO_LONG}
+
+    # 600 prompt tokens fit Superfiltering's 1024
+    superfiltering = plan_records(tokenizer, conversations, 1024, definition="superfiltering")
+    turn = superfiltering.turns[0]
+    assert [t.record for t in superfiltering.turns] == [0, 1]
+    prompt = f"{record['instruction']}\n{record['input']}\n"
+    assert turn.cond.token_ids == tokenizer.encode(prompt + answer)
+    assert turn.cond.score_from == len(tokenizer.encode(prompt))
+    assert turn.direct == ScoredSequence(tokenizer.encode(answer), 1)
+    assert superfiltering.skipped == {}
+
+    nll = [np.array([1.0, 2.0]), np.array([2.0, 2.0, 2.0])]
+    rows = record_signals(["a", "b"], cherry.turns, nll[:1], nll[1:], cherry.skipped).to_pylist()
+    assert rows[0]["ifd"] == pytest.approx(1.5 / 2.0) and rows[0]["answer_tokens"] == 2
+    assert rows[1]["lm_reason"] == reasons.LM_PROMPT_TOO_LONG and math.isnan(rows[1]["ifd"])
+    with pytest.raises(ValueError, match="definition"):
+        plan_records(tokenizer, conversations, 512, definition="alpagasus")  # type: ignore[arg-type]

@@ -4,16 +4,43 @@ from __future__ import annotations
 
 import pytest
 
-from engine.records import RecordError, content_id, detect_schema, normalise_text, to_canonical
+from engine.records import (
+    RecordError,
+    content_id,
+    detect_schema,
+    normalise_text,
+    split_input,
+    to_canonical,
+)
 
 
 def test_alpaca_with_input_joins_instruction_and_input() -> None:
     record = {"instruction": "Translate.", "input": "Bonjour", "output": "Hello"}
     canonical = to_canonical(record, "alpaca")
     assert canonical.conversation == [
-        {"role": "user", "content": "Translate.\n\nBonjour"},
+        {"role": "user", "content": "Translate.\n\nBonjour", "input": "Bonjour"},
         {"role": "assistant", "content": "Hello"},
     ]
+
+
+def test_kept_input_splits_back_and_leaves_the_id_alone() -> None:
+    """The verbatim input rides on the user turn for IFD's reference templates; the id hashes
+    role and content only, so it is the id the merged turn always had."""
+    record = {"instruction": "Sum up:\n\nbelow", "input": "A\n\nB", "output": "AB"}
+    conversation = to_canonical(record, "alpaca").conversation
+    assert split_input(conversation[0]) == ("Sum up:\n\nbelow", "A\n\nB")
+    merged = [{"role": m["role"], "content": m["content"]} for m in conversation]
+    assert content_id(conversation) == content_id(merged)
+    no_input = to_canonical({"instruction": "Hi.", "input": "", "output": "Yo"}, "alpaca")
+    assert "input" not in no_input.conversation[0]
+    assert split_input(no_input.conversation[0]) == ("Hi.", "")
+    # a blank input stays out of the content but the references still see it (input != "")
+    blank = to_canonical({"instruction": "Hi.", "input": " ", "output": "Yo"}, "alpaca")
+    assert blank.conversation[0]["content"] == "Hi."
+    assert split_input(blank.conversation[0]) == ("Hi.", " ")
+    assert blank.id == no_input.id
+    # a turn read back from Parquet has input None when it had none
+    assert split_input({"role": "user", "content": "Hi.", "input": None}) == ("Hi.", "")
 
 
 def test_dolly_context_becomes_input() -> None:

@@ -59,7 +59,7 @@ def test_pairs_take_the_last_user_turn_before_each_answer() -> None:
     assert plan_pairs([[_msg("user", "Q"), _msg("assistant", "  ")]]) == []
 
 
-def test_max_turns_counts_assistant_turns_as_lm_and_judges_do() -> None:
+def test_max_turns_counts_scorable_turns_as_lm_and_judges_do() -> None:
     greeting_first = [
         _msg("assistant", "Hello! How can I help?"),  # turn 0: no instruction before it
         _msg("user", "Q1"),
@@ -69,9 +69,13 @@ def test_max_turns_counts_assistant_turns_as_lm_and_judges_do() -> None:
         _msg("user", "Q3"),
         _msg("assistant", "A3"),
     ]
-    # engine.signals.turns numbers every assistant turn; max_turns keeps the first N of them.
-    assert plan_pairs([greeting_first], max_turns=1) == []
-    assert plan_pairs([greeting_first], max_turns=2) == [RMPair(0, 1, "Q1", "A1")]
+    # engine.signals.turns numbers every assistant turn; max_turns keeps the first N scorable
+    # ones, so the opening greeting (no instruction before it) neither counts nor is scored.
+    assert plan_pairs([greeting_first], max_turns=1) == [RMPair(0, 1, "Q1", "A1")]
+    assert plan_pairs([greeting_first], max_turns=2) == [
+        RMPair(0, 1, "Q1", "A1"),
+        RMPair(0, 2, "Q2", "A2"),
+    ]
     assert [p.turn for p in plan_pairs([greeting_first])] == [1, 2, 3]
     with pytest.raises(ValueError, match="max_turns"):
         plan_pairs([greeting_first], max_turns=0)
@@ -118,6 +122,7 @@ def test_settings_resources_and_fingerprint() -> None:
         "max_turns": 1,
         "dtype": "float32",
         "trust_remote_code": False,
+        "max_turns_counts": "scorable",  # what max_turns counts (engine.signals.turns)
     }
     assert (spec.resources.batch_size, spec.resources.max_batch_pairs) == (64, 16)
     base = STAGE.fingerprint(_job(model="m"))

@@ -44,7 +44,8 @@ def _job(**select: object) -> object:
         {
             "inputs": [{"path": "x"}],
             "signals": ["lm", "lang"],
-            "select": {"filters": [], **select},
+            # The synthetic frame has no indicator columns: no filters, no hygiene rules.
+            "select": {"filters": [], "hygiene": {"enabled": False}, **select},
         }
     )
 
@@ -157,3 +158,124 @@ def test_every_selector_fills_the_budget_deterministically(preset: str) -> None:
     _outcomes_reconcile(first)
     assert first["selected"].sum() == 7
     assert first["selected"].equals(second["selected"])
+
+
+def test_superfiltering_d_options_prefilter_by_score_then_facility_location() -> None:
+    """facility_location with a ranking score, a prefilter and the submodlib kernel: only the
+    best `prefilter_ratio x budget` rows by ifd can be chosen; a row without ifd is rejected
+    with its signal's reason; the result is the pure selector's on that pool."""
+    from engine.selection.diversity import best_first, facility_location_select
+
+    frame, vectors = _frame(n=60)
+    frame.loc[3, "ifd"] = np.nan
+    frame.loc[3, "lm_reason"] = "no_scorable_answer"
+    job = _job(
+        preset="facility_location",
+        score="ifd",
+        budget=5,
+        diversity={"facility_similarity": "euclidean", "prefilter_ratio": 4},
+        dedup={"semantic": {"enabled": False}},
+    )
+    out, summary = select_rows(frame, job, vectors)
+    _outcomes_reconcile(out)
+    assert out.loc[3, "reason"] == "no_scorable_answer"
+    ifd = frame["ifd"].to_numpy()
+    eligible = ~np.isnan(ifd)
+    pool = best_first(ifd, frame["id"].to_numpy(), np.flatnonzero(eligible))[:20]
+    chosen = np.flatnonzero(out["selected"].to_numpy())
+    assert len(chosen) == 5 and set(chosen) <= set(pool)
+    expected = facility_location_select(
+        vectors,
+        frame["id"].to_numpy(),
+        eligible,
+        5,
+        similarity="euclidean",
+        scores=ifd,
+        prefilter=20,
+    )
+    assert set(np.flatnonzero(expected)) == set(chosen)
+    # Today's facility location (no prefilter, cosine) ignores the score and is reachable.
+    plain, _ = select_rows(
+        frame,
+        _job(preset="facility_location", budget=5, dedup={"semantic": {"enabled": False}}),
+        vectors,
+    )
+    assert plain["selected"].sum() == 5
+    assert summary["selector"] == "facility_location"
+
+
+def test_mods_kcenter_option_draws_the_first_center_with_the_seed() -> None:
+    frame, vectors = _frame(n=50)
+    firsts = set()
+    for seed in range(6):
+        job = parse_job(
+            {
+                "inputs": [{"path": "x"}],
+                "seed": seed,
+                "select": {
+                    "filters": [],
+                    "hygiene": {"enabled": False},
+                    "preset": "kcenter",
+                    "budget": 1,
+                    "diversity": {"kcenter_first": "random"},
+                    "dedup": {"semantic": {"enabled": False}},
+                },
+            }
+        )
+        out, _ = select_rows(frame, job, vectors)
+        (row,) = np.flatnonzero(out["selected"].to_numpy())
+        assert row == np.random.RandomState(seed).choice(np.arange(50))  # MoDS' draw, seeded
+        firsts.add(int(row))
+    assert len(firsts) > 1
+
+
+def test_deita_threshold_default_depends_on_the_embedding_backend() -> None:
+    from engine.selection.diversity import DEITA_THRESHOLDS
+
+    frame, vectors = _frame(n=30)
+    summaries = {}
+    for backend in ("sentence_transformers", "causal_lm"):
+        embed = {"backend": backend}  # each with its default model
+        job = parse_job(
+            {
+                "inputs": [{"path": "x"}],
+                "select": {
+                    "filters": [],
+                    "hygiene": {"enabled": False},
+                    "preset": "deita",
+                    "score": "assistant_chars",
+                    "budget": 10,
+                },
+                "stages": {"embed": embed},
+            }
+        )
+        assert job.select.diversity.threshold is None
+        _, summaries[backend] = select_rows(frame, job, vectors)
+        assert summaries[backend]["diversity"]["threshold"] == DEITA_THRESHOLDS[backend]
+
+
+def test_reference_options_are_checked_when_the_job_is_read() -> None:
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="prefilter"):
+        _job(preset="facility_location", budget=5, diversity={"prefilter_rows": 50})
+    with pytest.raises(ConfigError, match="prefilter"):
+        _job(preset="kcenter", score="ifd", budget=5, diversity={"prefilter_rows": 50})
+    with pytest.raises(ConfigError, match="not both"):
+        _job(
+            preset="facility_location",
+            score="ifd",
+            diversity={"prefilter_rows": 5, "prefilter_ratio": 2},
+        )
+
+    def embed_job(**embed: str) -> object:
+        return parse_job(
+            {"inputs": [{"path": "x"}], "signals": ["embed"], "stages": {"embed": embed}}
+        )
+
+    with pytest.raises(ConfigError, match="causal_lm backend embeds with a CausalLM"):
+        embed_job(backend="causal_lm", model="builtin:all-minilm-l6-v2")
+    with pytest.raises(ConfigError, match="is a CausalLM"):
+        embed_job(model="builtin:smollm2-135m")
+    assert embed_job(backend="causal_lm").stages.embed.model_name() == "builtin:smollm2-135m"
+    assert embed_job().stages.embed.model_name() == "builtin:all-minilm-l6-v2"

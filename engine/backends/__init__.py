@@ -5,7 +5,8 @@ factories the stages build them with.
   LM scoring    TokenScorer    transformers (transformers_lm), vllm (vllm_lm)
   LLM judge     JudgeBackend   transformers (judge_transformers), vllm (judge_vllm),
                                openai (judge_openai: any OpenAI-compatible endpoint)
-  embeddings    Embedder       sentence-transformers (sentence_transformers)
+  embeddings    Embedder       sentence-transformers (sentence_transformers),
+                               causal_lm (clm_embedder: DEITA's CausalLM hidden state)
   generation    Generator      transformers (generator_transformers), vllm (generator_vllm)
   rewards       RewardModel    transformers sequence classification (reward)
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 LM_BACKENDS = ("transformers", "vllm")
 JUDGE_BACKENDS = ("transformers", "vllm", "openai")
 GENERATOR_BACKENDS = ("transformers", "vllm")
+EMBED_BACKENDS = ("sentence_transformers", "causal_lm")
 
 
 def _unknown(kind: str, backend: str, known: tuple[str, ...]) -> ValueError:
@@ -127,18 +129,28 @@ def embedder(
     max_seq_length: int | None,
     batch_size: int,
     trust_remote_code: bool,
+    backend: str = "sentence_transformers",
+    dtype: str = "auto",
 ) -> Embedder:
-    """The sentence-transformers embedder (`batch_size`: texts per forward pass)."""
+    """The embedder named `backend` (`batch_size`: texts per forward pass): sentence-transformers,
+    or "causal_lm", DEITA's last-layer last-token hidden state of a CausalLM (clm_embedder; it
+    alone uses `dtype`; `max_seq_length` None means DEITA's 2048)."""
+    common: dict[str, Any] = {
+        "use_gpu": use_gpu,
+        "num_threads": num_threads,
+        "max_seq_length": max_seq_length,
+        "batch_size": batch_size,
+        "trust_remote_code": trust_remote_code,
+    }
+    if backend == "causal_lm":
+        from engine.backends.clm_embedder import CausalLMEmbedder
+
+        return CausalLMEmbedder(model_path, dtype=dtype, **common)
+    if backend != "sentence_transformers":
+        raise _unknown("embedding", backend, EMBED_BACKENDS)
     from engine.backends.sentence_transformers import SentenceTransformersEmbedder
 
-    return SentenceTransformersEmbedder(
-        model_path,
-        use_gpu=use_gpu,
-        num_threads=num_threads,
-        max_seq_length=max_seq_length,
-        batch_size=batch_size,
-        trust_remote_code=trust_remote_code,
-    )
+    return SentenceTransformersEmbedder(model_path, **common)
 
 
 def generator(

@@ -10,7 +10,7 @@ them):
 Scorers never tokenize or template: `engine.signals.lm` builds the token-id sequences, so every
 scorer scores exactly the same tokens and their numbers can be compared one to one. Judges and
 generators take chat message lists and render them with the model's chat template
-(`engine.backends.chat`).
+(`engine.backends.chat`); judges also take `RawPrompt`s, strings fed without a template.
 
 `Closable` is the base class of every backend: `close()` is idempotent and runs the backend's
 `_release()` hook once; a closed backend raises `RuntimeError("the <name> backend is closed")`
@@ -84,6 +84,20 @@ class TokenScorer(Protocol):
 
 
 @dataclass(frozen=True)
+class RawPrompt:
+    """A prompt that is one string, fed to the model without any chat template: the backend
+    tokenises it with `tokenizer.encode(text)` (the tokenizer's own special tokens, e.g. Llama's
+    BOS), as DEITA's scorers do with the template they were fine-tuned on."""
+
+    text: str
+
+
+# A judge or generator prompt: chat messages (rendered with the model's chat template) or a raw
+# string (`RawPrompt`).
+Prompt = list[dict[str, str]] | RawPrompt
+
+
+@dataclass(frozen=True)
 class JudgeReply:
     """What a judge backend returns for one prompt.
 
@@ -97,14 +111,18 @@ class JudgeReply:
 
 
 class JudgeBackend(Protocol):
-    """Holds one judge model (or a client of a served one); prompts are chat message lists built
-    by engine.signals.judge, never corpus text alone."""
+    """Holds one judge model (or a client of a served one); prompts are built by
+    engine.signals.judge, never corpus text alone: chat message lists, or `RawPrompt`s (a
+    backend that cannot feed a raw string, e.g. a chat endpoint, raises TypeError for one).
+
+    With `score_tokens` the reply carries their log-probabilities at the first generated
+    position (a backend that holds the model raises ValueError when one of them is not a single
+    token of its vocabulary, rather than scoring without it); with none it generates the reply
+    (up to its `max_new_tokens`) to be parsed."""
 
     name: str
 
-    def judge(
-        self, prompts: Sequence[list[dict[str, str]]], score_tokens: Sequence[str]
-    ) -> list[JudgeReply]: ...
+    def judge(self, prompts: Sequence[Prompt], score_tokens: Sequence[str]) -> list[JudgeReply]: ...
 
     def close(self) -> None: ...
 

@@ -1,10 +1,14 @@
 """Chat prompts as token ids, and the two bases of the chat models (judges and generators).
 
 `render_chat` applies the tokenizer's chat template with the generation prompt appended, so both
-engines see exactly the same prompt tokens. `score_token_ids` gives each scale token's id: the
-tokenizer's encoding of the bare digit without a leading space ("4", not " 4"): chat templates
-end the generation prompt with a newline, after which SentencePiece/BPE tokenizers emit the bare
-digit; a token that does not encode to exactly one id is left out.
+engines see exactly the same prompt tokens; `render_prompt` also takes a `RawPrompt`, tokenised
+with `tokenizer.encode(text)` and no template (DEITA's scorers). `score_token_ids` gives each
+scale token's id as the token that follows a prompt: the bare digit ("4", not " 4"). Chat
+templates end the generation prompt with a newline and DEITA's raw templates with a space; after
+either, byte-level BPE tokenizers (GPT-2, SmolLM2, Llama-3) emit the digit as one token, and
+SentencePiece tokenizers (Llama-2, Mistral) emit the digit piece "4" (their encoding of the
+string "4" alone is two ids, "▁" and "4": the id that counts is the second, the ids DEITA's
+scorers hard-code). A scale token without such an id is an error, never silently left out.
 
 `TransformersChatModel` (the transformers judge and generator) and `VllmChatModel` (the vLLM
 judge and generator) hold the tokenizer and the model, render the prompts and leave out a prompt
@@ -18,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from engine.backends import hf
+from engine.backends.base import Prompt, RawPrompt
 from engine.backends.vllm_engine import VllmBackend
 
 T = TypeVar("T")
@@ -31,13 +36,66 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return [int(i) for i in ids]
 
 
+def render_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt: chat messages through the chat template (`render_chat`), a
+    `RawPrompt` through `tokenizer.encode` with the tokenizer's own special tokens, as DEITA's
+    scorer code calls it."""
+    if isinstance(prompt, RawPrompt):
+        return [int(i) for i in tokenizer.encode(prompt.text)]
+    return render_chat(tokenizer, prompt)
+
+
+# Contexts the scale token is looked up after: a chat template's generation prompt ends with a
+# newline, DEITA's raw templates with ": ".
+_SCORE_CONTEXTS = ("\n", "##Quality: ", "Score: ")
+
+
+def score_token_id(tokenizer: Any, token: str) -> int | None:
+    """The id the model emits for `token` right after a prompt, or None when there is none.
+
+    The id is what encoding `context + token` adds to encoding `context`, for a newline and for
+    ": " contexts; they must agree and be one id that decodes to `token`. Where they do not
+    (a tokenizer that merges the digit into the context), the vocabulary's own entry for the
+    bare string is taken when it decodes to `token`."""
+    found: set[int] = set()
+    for context in _SCORE_CONTEXTS:
+        head = tokenizer.encode(context, add_special_tokens=False)
+        full = tokenizer.encode(context + token, add_special_tokens=False)
+        tail = full[len(head) :]
+        if full[: len(head)] == head and len(tail) == 1:
+            found.add(int(tail[0]))
+    if len(found) != 1:
+        vocab_id = tokenizer.convert_tokens_to_ids(token)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        found = {int(vocab_id)} if isinstance(vocab_id, int) and vocab_id != unk else set()
+    if len(found) != 1:
+        return None
+    (token_id,) = found
+    if tokenizer.decode([token_id]).strip() != token.strip():
+        return None
+    return token_id
+
+
 def score_token_ids(tokenizer: Any, score_tokens: Sequence[str]) -> dict[str, int]:
-    """Each scale token's single id (bare digit, no leading space); multi-id tokens are left out."""
+    """Each scale token's id (`score_token_id`). Raises ValueError naming the tokens that have
+    none: the expected value must never quietly lose a scale value (it would renormalise over
+    the rest, or fall back to parsing text)."""
     ids: dict[str, int] = {}
+    missing = []
     for token in score_tokens:
-        encoded = tokenizer.encode(token, add_special_tokens=False)
-        if len(encoded) == 1:
-            ids[token] = int(encoded[0])
+        token_id = score_token_id(tokenizer, token)
+        if token_id is None:
+            missing.append(token)
+        else:
+            ids[token] = token_id
+    if missing:
+        raise ValueError(
+            f"the judge's tokenizer has no single token for the scale value(s) "
+            f"{', '.join(map(repr, missing))}: expected-value scoring needs one; use "
+            "stages.judge.scoring: parse"
+        )
+    if len(set(ids.values())) != len(ids):
+        raise ValueError(f"scale tokens share ids: {ids}")
     return ids
 
 
@@ -56,11 +114,11 @@ def eos_token_ids(tokenizer: Any, model_config: Any = None) -> set[int]:
 
 
 def render_prompts(
-    tokenizer: Any, prompts: Sequence[list[dict[str, str]]], max_length: int
+    tokenizer: Any, prompts: Sequence[Prompt], max_length: int
 ) -> tuple[list[list[int]], list[int]]:
-    """Token ids of each prompt (`render_chat`), and the indices of those to run: not empty and
-    at most `max_length` tokens."""
-    encoded = [render_chat(tokenizer, p) for p in prompts]
+    """Token ids of each prompt (`render_prompt`), and the indices of those to run: not empty
+    and at most `max_length` tokens."""
+    encoded = [render_prompt(tokenizer, p) for p in prompts]
     return encoded, [i for i, ids in enumerate(encoded) if 0 < len(ids) <= max_length]
 
 
@@ -93,7 +151,7 @@ class TransformersChatModel(hf.TransformersBackend):
 
     def _run_batches(
         self,
-        prompts: Sequence[list[dict[str, str]]],
+        prompts: Sequence[Prompt],
         run: Callable[[list[list[int]]], list[T]],
         empty: Callable[[], T],
     ) -> list[T]:
@@ -180,7 +238,7 @@ class VllmChatModel(VllmBackend):
 
     def _completions(
         self,
-        prompts: Sequence[list[dict[str, str]]],
+        prompts: Sequence[Prompt],
         params: Callable[[], Any],
         refused: Callable[[], bool] = lambda: False,
     ) -> dict[int, Any]:

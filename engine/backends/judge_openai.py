@@ -1,6 +1,7 @@
 """`openai` judge backend: any OpenAI-compatible chat endpoint (`vllm serve`, a commercial API).
 
-Each prompt is one POST {base_url}/chat/completions with temperature 0 and `max_tokens`; with
+Each prompt (chat messages; a `RawPrompt` is refused with TypeError) is one POST
+{base_url}/chat/completions with temperature 0 and `max_tokens`; with
 `logprobs` on it also asks for `logprobs: true, top_logprobs: 20`, and the score tokens' log-
 probabilities are read from the first generated position (choices[0].logprobs.content[0]
 .top_logprobs; token strings are stripped of surrounding whitespace, so " 4" and "4" are one
@@ -56,7 +57,7 @@ from typing import Any
 
 import httpx
 
-from engine.backends.base import Closable, JudgeReply
+from engine.backends.base import Closable, JudgeReply, Prompt, RawPrompt
 
 log = logging.getLogger(__name__)
 
@@ -250,13 +251,18 @@ class OpenAIJudge(Closable):
 
     # -- public ------------------------------------------------------------------------------
 
-    def judge(
-        self, prompts: Sequence[list[dict[str, str]]], score_tokens: Sequence[str]
-    ) -> list[JudgeReply]:
-        """One reply per prompt, in order; cached replies are not asked again."""
+    def judge(self, prompts: Sequence[Prompt], score_tokens: Sequence[str]) -> list[JudgeReply]:
+        """One reply per prompt, in order; cached replies are not asked again. Chat messages
+        only: a `RawPrompt` (DEITA's raw template) needs the model's own tokenizer, which a
+        chat endpoint does not expose (the stage refuses that setting before any request)."""
         self._check_open()
         if not prompts:
             return []
+        if any(isinstance(p, RawPrompt) for p in prompts):
+            raise TypeError(
+                "the openai judge backend takes chat messages only, not raw prompts "
+                "(stages.judge.deita.prompt_style: raw needs backend transformers or vllm)"
+            )
         first_of: dict[str, int] = {}
         keys: list[str] = []
         for i, messages in enumerate(prompts):

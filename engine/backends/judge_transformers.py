@@ -1,18 +1,19 @@
 """transformers judge backend: score-token log-probabilities from one batched forward pass.
 
 `TransformersJudge.judge` renders each chat prompt with the tokenizer's chat template
-(`add_generation_prompt=True`, `engine.backends.chat`), sorts the prompts by length, and runs
+(`add_generation_prompt=True`, `engine.backends.chat`; a `RawPrompt` is tokenised with
+`tokenizer.encode`, no template), sorts the prompts by length, and runs
 batches of at most `max_batch_prompts` prompts (per forward pass), left-padded, with explicit
 position ids (so a padded prompt gets the same positions as alone). The next-token logits at the
 last position go through a float32 `log_softmax` over the whole vocabulary; the reply's
-`score_logprobs` are those of the scale tokens (`chat.score_token_ids`: the bare digits; a token
-that does not encode to exactly one id is left out, and the expected value renormalises over the
-tokens present).
+`score_logprobs` are those of the scale tokens (`chat.score_token_ids`: the digit's id as the
+token after a prompt, also for SentencePiece tokenizers; a scale token without one raises
+ValueError before anything runs).
 
 Generation: when the log-probabilities decide the score (every scale token is one token), the
 text is only the greedy first token (no decoding loop: it would cost `max_new_tokens` forwards
-and change nothing). Otherwise (wider custom scales, or `always_generate=True`) up to
-`max_new_tokens` tokens are decoded greedily and the reply is parsed. A prompt longer than
+and change nothing). Otherwise (no score tokens asked: a judge scored by parsing its reply, or
+`always_generate=True`) up to `max_new_tokens` tokens are decoded greedily. A prompt longer than
 `max_length` tokens is not run: its reply is empty (the turn becomes NaN, `judge_unparsed`).
 Runs on the CPU unless `use_gpu` (and torch sees a GPU).
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from engine.backends.base import JudgeReply
+from engine.backends.base import JudgeReply, Prompt
 from engine.backends.chat import TransformersChatModel, score_token_ids
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,7 @@ class TransformersJudge(TransformersChatModel):
         super().__init__(model_path, dtype, trust_remote_code, num_threads, use_gpu)
         log.info("transformers judge: %s on %s, %s", model_path, self.device, self.dtype)
 
-    def judge(
-        self, prompts: Sequence[list[dict[str, str]]], score_tokens: Sequence[str]
-    ) -> list[JudgeReply]:
+    def judge(self, prompts: Sequence[Prompt], score_tokens: Sequence[str]) -> list[JudgeReply]:
         self._check_open()
         token_ids = score_token_ids(self.tokenizer, score_tokens)
         generate = self.always_generate or not token_ids

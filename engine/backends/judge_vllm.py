@@ -13,9 +13,12 @@ they would come back already renormalised over the scale; the expected value is 
 Where `logprob_token_ids` is refused (older vLLM), the backend falls back to `logprobs=20` and
 scale tokens outside the top 20 are left out (probability 0 before renormalisation).
 
-Token ids of the scale values are the bare digits, as in the transformers backend. Generation is
-one token when the log-probabilities decide the score, else `max_new_tokens` greedy tokens whose
-text is parsed. A prompt longer than `max_length` tokens is not submitted: its reply is empty.
+Token ids of the scale values are the digits' ids after a prompt, as in the transformers backend
+(`chat.score_token_ids`; one missing raises). Generation is one token when the log-probabilities
+decide the score, else (no score tokens asked) `max_new_tokens` greedy tokens whose text is
+parsed. A `RawPrompt` is tokenised with `tokenizer.encode` (no chat template), as the
+transformers judge does. A prompt longer than `max_length` tokens is not submitted: its reply is
+empty.
 Prompts are rendered (and scale tokens looked up) by `engine.backends.chat`, as the transformers
 judge does; the engine's start and shutdown are those of `engine.backends.vllm_engine`.
 """
@@ -26,7 +29,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from engine.backends.base import JudgeReply
+from engine.backends.base import JudgeReply, Prompt
 from engine.backends.chat import VllmChatModel, score_token_ids
 
 log = logging.getLogger(__name__)
@@ -78,9 +81,7 @@ class VllmJudge(VllmChatModel):
         self._token_ids_supported = False
         return True
 
-    def judge(
-        self, prompts: Sequence[list[dict[str, str]]], score_tokens: Sequence[str]
-    ) -> list[JudgeReply]:
+    def judge(self, prompts: Sequence[Prompt], score_tokens: Sequence[str]) -> list[JudgeReply]:
         self._check_open()
         ids = score_token_ids(self.tokenizer, score_tokens)
         generate = self.always_generate or not ids

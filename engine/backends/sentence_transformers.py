@@ -42,7 +42,11 @@ class SentenceTransformersEmbedder(Closable):
         if max_seq_length is not None:
             self.model.max_seq_length = max_seq_length
         self.batch_size = batch_size
-        self._dim = int(self.model.get_sentence_embedding_dimension())
+        # sentence-transformers 6 renamed the method (the old name warns); older ones lack it.
+        dimension = getattr(self.model, "get_embedding_dimension", None)
+        if dimension is None:
+            dimension = self.model.get_sentence_embedding_dimension
+        self._dim = int(dimension())
         log.info("sentence-transformers embedder: %s on %s", model_path, self.device)
 
     @property

@@ -4,6 +4,21 @@ Pure functions over arrays. `vectors` are L2-normalised embeddings (cosine == in
 rows with non-finite vectors never take part (treat them as ineligible). Every choice is
 deterministic: scores rank NaN last, ties go to the smallest id, and seeded choices use
 `budget.hash_keys`, so the same rows give the same selection whatever their order.
+
+Each selector also has its paper's reference behaviour as named options, beside Winnow's:
+  - k-center, `first="random"`: MoDS (`diverse-data-selection/kcenter_greedy.py`, Google's
+    active-learning k-center): the first centre is `np.random.choice` over the rows in input
+    order (seeded here: `np.random.RandomState(seed)`), then the row farthest in Euclidean
+    distance from its nearest centre, ties to the first in input order (`np.argmax`). That
+    depends on the input order, as the reference does.
+  - facility location, `similarity="euclidean"`: Superfiltering.D (`code_diversity_fla/do_fla.py`:
+    submodlib `FacilityLocationFunction(mode="dense", metric="euclidean")`, `LazyGreedy`): the
+    kernel is submodlib's "euclidean similarity" exp(-||a - b|| / dim) stored as float32 (diagonal
+    1), always exact, and equal gains are resolved as submodlib's LazyGreedy resolves them: its
+    max-heap of (gain, index) pops the larger index first and takes a popped row when its fresh
+    gain is >= the next stale bound; indices are positions in the reference's input order (rows
+    sorted best score first after the `prefilter`, else input order). `prefilter` keeps the best
+    rows by score first (Superfiltering's `ifd_num`).
 """
 
 from __future__ import annotations
@@ -39,6 +54,27 @@ def _id_ranks(ids: np.ndarray) -> np.ndarray:
     ranks = np.empty(len(ids), dtype=np.int64)
     ranks[np.argsort(np.asarray(ids).astype(str), kind="stable")] = np.arange(len(ids))
     return ranks
+
+
+# DEITA's threshold 0.9 was set in a 7B LLM's embedding space; it is the causal_lm default. It
+# does not carry over to small models or to MiniLM. Measured on 3,000 Alpaca rows (seed 0), share
+# of rows DEITA's walk flags too_similar (README, "DEITA's threshold"): the built-in SmolLM2-135M
+# with DEITA's pooling and prompt flags 99.4% at 0.9 (its last-token states are nearly collinear:
+# median nearest-neighbour cosine 0.990; 0.995 flags 4.2%), so it gives no usable target; MiniLM
+# on the instruction flags 0.37% at 0.9 (deita is then top-k by score), 2.2% at 0.8, 8.2% at 0.7.
+# MiniLM's default is 0.8: at ~2% flagged the two spaces agree on the flagged rows most above
+# chance (Jaccard 0.05 vs 0.01 for random sets) while the filter still acts.
+DEITA_THRESHOLDS = {"causal_lm": 0.9, "sentence_transformers": 0.8}
+
+
+def deita_threshold(configured: float | None, backend: str) -> float:
+    """The DEITA threshold in use: the configured one, else the calibrated default of the
+    embedding backend."""
+    if configured is not None:
+        return float(configured)
+    if backend not in DEITA_THRESHOLDS:
+        raise ValueError(f"no calibrated DEITA threshold for embedding backend {backend!r}")
+    return DEITA_THRESHOLDS[backend]
 
 
 def deita_select(
@@ -107,6 +143,9 @@ def deita_select(
     return selected, too_similar
 
 
+KCENTER_FIRST = ("score", "random")
+
+
 def kcenter_select(
     vectors: np.ndarray,
     ids: np.ndarray,
@@ -115,15 +154,22 @@ def kcenter_select(
     seed: int = 0,
     scores: np.ndarray | None = None,
     descending: bool = True,
+    first: str = "score",
 ) -> np.ndarray:
     """Mask of `k` eligible rows chosen by k-center greedy (MoDS).
 
-    First center: the best score when `scores` are given (NaN last, ties by id), else the smallest
-    seeded hash key (`hash_keys(ids, seed, "kcenter")`). Then repeatedly the eligible row farthest
-    from its nearest center, distance = 1 - cosine (on normalised vectors this orders rows exactly
-    as L2 distance does, since |a-b|^2 = 2 - 2 cos); ties by id. One matrix-vector product per
-    center: O(n k d) time, O(n) extra memory.
+    first="score" (Winnow): the first center is the best score when `scores` are given (NaN last,
+    ties by id), else the smallest seeded hash key (`hash_keys(ids, seed, "kcenter")`); then
+    repeatedly the eligible row farthest from its nearest center, distance = 1 - cosine (on
+    normalised vectors this orders rows exactly as L2 distance does, since |a-b|^2 = 2 - 2 cos);
+    ties by id. Independent of row order.
+
+    first="random" (MoDS' `kCenterGreedy.select_batch_`): see `_kcenter_mods`; `scores` are not
+    used, and the result depends on the row order, as the reference's does.
+    One matrix-vector product per center: O(n k d) time, O(n) extra memory.
     """
+    if first not in KCENTER_FIRST:
+        raise ValueError(f"unknown kcenter first {first!r}; known: {', '.join(KCENTER_FIRST)}")
     ids = np.asarray(ids)
     mask = np.zeros(len(ids), dtype=bool)
     data, candidates = _usable(vectors, eligible)
@@ -131,6 +177,9 @@ def kcenter_select(
     if k <= 0:
         return mask
     points = data[candidates]
+    if first == "random":
+        mask[candidates[_kcenter_mods(points, k, seed)]] = True
+        return mask
     ranks = _id_ranks(ids[candidates])
     if scores is not None:
         first = int(
@@ -155,6 +204,51 @@ def kcenter_select(
     return mask
 
 
+def _kcenter_mods(points: np.ndarray, k: int, seed: int) -> list[int]:
+    """MoDS' k-center greedy over `points` (rows in input order): positions of the centers.
+
+    First center `np.random.RandomState(seed).choice(np.arange(n))` (what the reference's
+    unseeded `np.random.choice` draws after `np.random.seed(seed)`); then `np.argmax` of each
+    row's Euclidean distance to its nearest center (sklearn's `pairwise_distances`, computed as
+    sqrt(|x|^2 + |c|^2 - 2 x.c) in float64), so ties go to the first row in input order. The
+    reference would pick a center twice once every distance is 0 (it asserts); here a center is
+    never picked again.
+    """
+    x = points.astype(np.float64)
+    squared = np.einsum("ij,ij->i", x, x)
+    center = int(np.random.RandomState(seed).choice(np.arange(len(x))))
+    nearest = np.full(len(x), np.inf)
+    centers: list[int] = []
+    taken = np.zeros(len(x), dtype=bool)
+    for _ in range(k):
+        centers.append(center)
+        taken[center] = True
+        if len(centers) == k:
+            break
+        distance = np.sqrt(np.maximum(squared + squared[center] - 2.0 * (x @ x[center]), 0.0))
+        np.minimum(nearest, distance, out=nearest)
+        center = int(np.argmax(np.where(taken, -np.inf, nearest)))
+    return centers
+
+
+FACILITY_SIMILARITIES = ("cosine", "euclidean")
+
+
+def submodlib_euclidean_kernel(rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """submodlib's dense "euclidean" similarity exp(-||a - b|| / dim) as float32, the way its
+    C++ `create_square_kernel_dense` stores it (float32, so the LazyGreedy gains built from it
+    are exact sums). Distances in float64 from the Gram matrix; a distance that rounds to 0 (the
+    diagonal, exact duplicates) gives 1.0 as the reference's diagonal does."""
+    a = rows.astype(np.float64)
+    b = columns.astype(np.float64)
+    squared = (
+        np.einsum("ij,ij->i", a, a)[:, None] + np.einsum("ij,ij->i", b, b)[None, :] - 2.0 * a @ b.T
+    )
+    distance = np.sqrt(np.maximum(squared, 0.0))
+    gamma = float(np.float32(1.0 / a.shape[1]))  # C++: float gamma = 1.0 / v1.size()
+    return np.exp(-distance * gamma).astype(np.float32)
+
+
 def facility_location_select(
     vectors: np.ndarray,
     ids: np.ndarray,
@@ -165,54 +259,126 @@ def facility_location_select(
     dense_max_rows: int = 4_096,
     index: str = "auto",
     flat_max_rows: int = 50_000,
+    similarity: str = "cosine",
+    scores: np.ndarray | None = None,
+    descending: bool = True,
+    prefilter: int | None = None,
 ) -> np.ndarray:
     """Mask of `k` eligible rows greedily maximising facility location
-    f(S) = sum_i max_{j in S} max(0, cos(i, j)) over the eligible rows i.
+    f(S) = sum_i max_{j in S} s(i, j) over the pool rows i.
 
-    Up to `dense_max_rows` eligible rows the similarity matrix is dense and exact. Above, it is a
-    sparse kNN graph from FAISS: row i is only covered by its `neighbors` nearest rows (and
-    itself), so far-away similarities count as 0 (an approximation of f that keeps memory at
+    The pool: the eligible rows, or with `prefilter` (needs `scores`) only the `prefilter` best
+    of them by score (NaN never; ties by id), as Superfiltering.D keeps its `ifd_num` top rows
+    before facility location.
+
+    similarity="cosine" (Winnow): s = max(0, cos); ties by id, independent of row order. Up to
+    `dense_max_rows` pool rows the similarity matrix is dense and exact. Above, it is a sparse
+    kNN graph from FAISS: row i is only covered by its `neighbors` nearest rows (and itself), so
+    far-away similarities count as 0 (an approximation of f that keeps memory at
     O(n * neighbors)); `index`/`flat_max_rows`/`seed` choose the kNN index as in semantic dedup.
-    Lazy greedy (stale gains are upper bounds, by submodularity) gives exactly the plain greedy
-    choice: largest gain, ties by id.
+
+    similarity="euclidean" (Superfiltering.D, submodlib): s = exp(-||a - b|| / dim) in float32
+    (`submodlib_euclidean_kernel`); always exact: dense up to `dense_max_rows`, above that each
+    column is recomputed from the vectors when needed (O(n d) per gain, O(n) memory). Equal gains
+    go as submodlib's LazyGreedy sends them (`_lazy_greedy`), positions being the pool's order in
+    the reference (sorted best score first when `scores` are given, else input order). The gains
+    are sums of float32 kernel values in float64, exact whatever the order of summation, so
+    equal gains really are equal, as in the C++.
+
+    Both run lazy greedy (stale gains are upper bounds, by submodularity): the plain greedy
+    choice, largest gain first.
     """
+    if similarity not in FACILITY_SIMILARITIES:
+        known = ", ".join(FACILITY_SIMILARITIES)
+        raise ValueError(f"unknown facility-location similarity {similarity!r}; known: {known}")
     ids = np.asarray(ids)
     mask = np.zeros(len(ids), dtype=bool)
     data, candidates = _usable(vectors, eligible)
+    if prefilter is not None:
+        if scores is None:
+            raise ValueError("a facility-location prefilter needs scores")
+        ranked = best_first(scores, ids, candidates, descending)
+        ranked = ranked[~np.isnan(np.asarray(scores, dtype=np.float64)[ranked])]
+        candidates = ranked[: max(int(prefilter), 0)]  # the reference's order: best first
+    elif similarity == "euclidean" and scores is not None:
+        candidates = best_first(scores, ids, candidates, descending)
     k = min(int(k), candidates.size)
     if k <= 0:
         return mask
     points = data[candidates]
     m = candidates.size
-    ranks = _id_ranks(ids[candidates])
-    coverage = np.zeros(m, dtype=np.float64)
-
-    column: Callable[[int], tuple[np.ndarray | slice, np.ndarray]]
-    if m <= dense_max_rows:
-        similarity = np.maximum(points.astype(np.float64) @ points.astype(np.float64).T, 0.0)
-        everyone = slice(None)
-
-        def column(j: int) -> tuple[np.ndarray | slice, np.ndarray]:
-            return everyone, similarity[j]  # symmetric: row j == column j
-
+    if similarity == "euclidean":
+        # submodlib's max-heap of (gain, index) pops the larger index first on equal gains.
+        ranks = np.arange(m, 0, -1, dtype=np.int64)
     else:
-        sims, labels = knn_search(
-            build_index(points, index, flat_max_rows, seed=seed), points, neighbors + 1
-        )
-        covered = np.repeat(np.arange(m, dtype=np.int64), labels.shape[1])
-        by = labels.ravel()
-        weight = np.maximum(sims.ravel().astype(np.float64), 0.0)
-        keep = (by >= 0) & (by != covered)
-        # Every row covers itself with similarity 1 (a duplicate may have displaced it).
-        covered = np.concatenate([covered[keep], np.arange(m)])
-        by = np.concatenate([by[keep], np.arange(m)])
-        weight = np.concatenate([weight[keep], np.ones(m)])
-        order = np.argsort(by, kind="stable")
-        covered, weight = covered[order], weight[order]
-        ptr = np.searchsorted(by[order], np.arange(m + 1))
+        ranks = _id_ranks(ids[candidates])
+    columns = _facility_columns(
+        points, similarity, dense_max_rows, neighbors, index, flat_max_rows, seed
+    )
+    chosen = _lazy_greedy(columns, m, k, ranks, submodlib_ties=similarity == "euclidean")
+    mask[candidates[np.asarray(chosen)]] = True
+    return mask
 
-        def column(j: int) -> tuple[np.ndarray | slice, np.ndarray]:
-            return covered[ptr[j] : ptr[j + 1]], weight[ptr[j] : ptr[j + 1]]
+
+Column = Callable[[int], tuple[np.ndarray | slice, np.ndarray]]
+
+
+def _facility_columns(
+    points: np.ndarray,
+    similarity: str,
+    dense_max_rows: int,
+    neighbors: int,
+    index: str,
+    flat_max_rows: int,
+    seed: int,
+) -> Column:
+    """column(j) -> (rows covered by j, their similarity to j); similarities are symmetric."""
+    m = len(points)
+    everyone = slice(None)
+    if similarity == "euclidean":
+        if m <= dense_max_rows:
+            kernel = submodlib_euclidean_kernel(points, points)
+            np.fill_diagonal(kernel, 1.0)  # as the C++ kernel sets it
+            return lambda j: (everyone, kernel[j].astype(np.float64))
+
+        def fresh(j: int) -> tuple[np.ndarray | slice, np.ndarray]:
+            column = submodlib_euclidean_kernel(points, points[j : j + 1])[:, 0]
+            column[j] = 1.0
+            return everyone, column.astype(np.float64)
+
+        return fresh
+    if m <= dense_max_rows:
+        matrix = points.astype(np.float64)
+        dense = np.maximum(matrix @ matrix.T, 0.0)
+        return lambda j: (everyone, dense[j])  # symmetric: row j == column j
+    sims, labels = knn_search(
+        build_index(points, index, flat_max_rows, seed=seed), points, neighbors + 1
+    )
+    covered = np.repeat(np.arange(m, dtype=np.int64), labels.shape[1])
+    by = labels.ravel()
+    weight = np.maximum(sims.ravel().astype(np.float64), 0.0)
+    keep = (by >= 0) & (by != covered)
+    # Every row covers itself with similarity 1 (a duplicate may have displaced it).
+    covered = np.concatenate([covered[keep], np.arange(m)])
+    by = np.concatenate([by[keep], np.arange(m)])
+    weight = np.concatenate([weight[keep], np.ones(m)])
+    order = np.argsort(by, kind="stable")
+    covered, weight = covered[order], weight[order]
+    ptr = np.searchsorted(by[order], np.arange(m + 1))
+    return lambda j: (covered[ptr[j] : ptr[j + 1]], weight[ptr[j] : ptr[j + 1]])
+
+
+def _lazy_greedy(
+    column: Column, m: int, k: int, ranks: np.ndarray, submodlib_ties: bool = False
+) -> list[int]:
+    """Lazy greedy facility location over `m` rows: `k` positions, largest gain first.
+
+    Equal gains: the heap pops the smallest `ranks` first. Winnow takes a popped row only when
+    its fresh (gain, rank) still beats the next entry, so ties always go to the smallest rank;
+    submodlib (`submodlib_ties`) takes it when its fresh gain is >= the next stale bound,
+    whatever the ranks (`LazyGreedyOptimizer.cpp`), which can differ on exact ties.
+    """
+    coverage = np.zeros(m, dtype=np.float64)
 
     def gain(j: int) -> float:
         who, weights = column(j)
@@ -224,11 +390,10 @@ def facility_location_select(
     while len(chosen) < k:
         _, rank, j = heapq.heappop(heap)
         fresh = (-gain(j), rank, j)
-        if heap and fresh > heap[0]:
+        if heap and (fresh[0] > heap[0][0] if submodlib_ties else fresh > heap[0]):
             heapq.heappush(heap, fresh)  # a stale bound beat it: look again
             continue
         chosen.append(j)
         who, weights = column(j)
         coverage[who] = np.maximum(coverage[who], weights)
-    mask[candidates[np.asarray(chosen)]] = True
-    return mask
+    return chosen

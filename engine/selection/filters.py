@@ -2,6 +2,9 @@
 
 A row is rejected by the first rule that matches it and carries that rule's reason. A rule never
 matches a missing value (NaN/null): a row a signal did not score is not rejected by that signal.
+An `optional` rule (a hygiene rule on an optional signal, e.g. the token cap on `tokens_assistant`)
+matches nothing when its column is absent from the frame; any other rule on an absent column is an
+error, so a misspelt or unloaded column never passes silently.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ class Rule:
     op: str
     value: float | bool | str
     reason: str
+    optional: bool = False
 
     @classmethod
-    def parse(cls, expression: str, reason: str) -> Rule:
+    def parse(cls, expression: str, reason: str, optional: bool = False) -> Rule:
         match = _RULE.match(expression)
         if not match:
             raise RuleError(
@@ -45,9 +49,22 @@ class Rule:
                 f"with op one of {', '.join(_OPS)}"
             )
         column, op, text = match.groups()
-        return cls(column, op, _parse_value(text), reason)
+        return cls(column, op, _parse_value(text), reason, optional)
+
+    @property
+    def expression(self) -> str:
+        """The rule as `reject_if` text, e.g. `longest_response_chars > 65536` (for summaries)."""
+        if isinstance(self.value, bool):
+            text = str(self.value).lower()
+        elif isinstance(self.value, str):
+            text = repr(self.value)
+        else:
+            text = f"{self.value:g}"
+        return f"{self.column} {self.op} {text}"
 
     def matches(self, frame: pd.DataFrame) -> np.ndarray:
+        if self.optional and self.column not in frame.columns:
+            return np.zeros(len(frame), dtype=bool)
         values = frame[self.column]
         present = values.notna().to_numpy()
         result = np.asarray(_OPS[self.op](values, self.value), dtype=bool)

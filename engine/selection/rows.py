@@ -7,7 +7,9 @@
   5. near_duplicate             (MinHash components; the best member by `keep_by` is kept)
   6. semantic_duplicate         (embedding cosine >= threshold; the best member is kept)
   7. the selector under the budget, per quota group: rank | random | deita | kcenter |
-     facility_location; deita's skipped rows get too_similar, the rest below_budget.
+     facility_location (options in `select.diversity`: each paper's reference behaviour beside
+     Winnow's, see engine.selection.diversity); deita's skipped rows get too_similar, the rest
+     below_budget.
 Duplicates are resolved among rows that passed the filters, so a duplicate is never dropped in
 favour of a copy that a filter rejects. Pure over a frame of signal columns (and the embedding
 matrix aligned to it): no Spark, no Ray, no files; the select stage (engine.stages.select) loads
@@ -138,19 +140,33 @@ def _selector(frame: pd.DataFrame, job: JobSpec, vectors: np.ndarray | None) -> 
     from engine.selection import diversity
 
     assert vectors is not None
+    options = spec.diversity
     if kind == "deita":
+        threshold = diversity.deita_threshold(options.threshold, job.stages.embed.backend)
         return lambda mask, k: diversity.deita_select(
-            vectors, scores, ids, mask, k, spec.diversity.threshold, descending
+            vectors, scores, ids, mask, k, threshold, descending
         )
+    given = scores if score is not None else None
     if kind == "kcenter":
-        given = scores if score is not None else None
         return lambda mask, k: (
-            diversity.kcenter_select(vectors, ids, mask, k, job.seed, given, descending),
+            diversity.kcenter_select(
+                vectors, ids, mask, k, job.seed, given, descending, first=options.kcenter_first
+            ),
             none,
         )
     if kind == "facility_location":
         return lambda mask, k: (
-            diversity.facility_location_select(vectors, ids, mask, k, job.seed),
+            diversity.facility_location_select(
+                vectors,
+                ids,
+                mask,
+                k,
+                job.seed,
+                similarity=options.facility_similarity,
+                scores=given,
+                descending=descending,
+                prefilter=options.prefilter(k),
+            ),
             none,
         )
     raise ValueError(f"unknown selector {kind!r}")
@@ -186,7 +202,7 @@ def select_rows(
     reasons[np.flatnonzero(undecided)] = first_matching_reason(frame.loc[undecided], spec.rules())
 
     score = spec.ranking_score()
-    if score is not None and spec.selector() in ("rank", "deita"):
+    if score is not None and needs_score(job):
         missing = pd.isna(reasons) & frame[score].isna().to_numpy()
         reasons[missing] = _score_reason(frame, score).to_numpy()[missing]
 
@@ -254,10 +270,27 @@ def select_rows(
         "eligible": int(eligible.sum()),
         "default_score_of_preset": PRESETS[spec.preset]["score"],
         "filters": [f.model_dump() for f in spec.filters],
+        "hygiene": spec.hygiene.summary(),
         "dedup": {**dedup.model_dump(), "keep_by_column": spec.keep_by(), "removed": removed},
         **{key: value for key, value in steps.items() if key in ("normalize", "quota")},
     }
+    if spec.selector() in ("deita", "kcenter", "facility_location"):
+        from engine.selection.diversity import deita_threshold
+
+        used = spec.diversity.model_dump()
+        if spec.selector() == "deita":  # the threshold in use (null = the backend's default)
+            used["threshold"] = deita_threshold(used["threshold"], job.stages.embed.backend)
+        summary["diversity"] = used
     return out, summary
+
+
+def needs_score(job: JobSpec) -> bool:
+    """True when the selector ranks by the score, so a row without one cannot take part: rank,
+    deita, and facility location with a prefilter (Superfiltering.D's IFD top rows)."""
+    spec = job.select
+    kind = spec.selector()
+    prefiltered = spec.diversity.prefilter_rows or spec.diversity.prefilter_ratio
+    return kind in ("rank", "deita") or (kind == "facility_location" and bool(prefiltered))
 
 
 def needs_vectors(job: JobSpec) -> bool:

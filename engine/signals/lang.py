@@ -28,9 +28,23 @@ Rules (the column contract, LANG_SCHEMA):
   mostly Hangul is Korean, Han with kana is Japanese, Han without kana is Chinese (lingua sometimes
   calls short kana-less Han text Japanese, or the other way round); the confidence is then at
   least 0.99.
-- `lang_mismatch` is true only when both sides are determined, both confidences are at least
-  `min_confidence`, and the languages differ; a side that is "und" (code only, too short) never
-  flags. It is null when the record has no side at all to compare.
+- `lang_mismatch` is true when lingua's rule or the script rule flags the record (the script
+  rule can be switched off: `by_script=False`). It is null when the record has no side at all.
+  - lingua's rule: both sides are determined, both confidences are at least `min_confidence`,
+    and the languages differ; a side that is "und" (code only, too short) never flags.
+  - the script rule (`script_mismatch`, also its own column): the two sides' dominant scripts
+    are incompatible, whatever lingua's confidence (a short English instruction answered in
+    Chinese has a low relative confidence, but its scripts settle it). On the cleaned text (no
+    code, URLs, digits, math symbols), letters are counted per script, Han x3 and kana and
+    Hangul x2 (one such character carries about a word or a syllable); kana counts as Han
+    (Japanese mixes them). Each side needs a weight of at least `min_chars` and its dominant
+    script at least `SCRIPT_MIN_SHARE` of it (mixed text never flags); the dominant scripts
+    must be known (Latin, Cyrillic, Greek, Han/kana, Hangul, Arabic, Hebrew, Devanagari, Thai,
+    ...), differ, and each be under `SCRIPT_MAX_CROSS_SHARE` of the other side (a Chinese user
+    who pastes unfenced code is not answered in a "foreign" script); and the instruction side
+    must not ask for another language: one that mentions translating or names a language
+    (`asks_for_language`: English words and the compared scripts' own) is a legitimate
+    mismatch and is exempt.
 - Confidences are lingua's relative values among the candidate languages: with all 75, short
   English instructions score low (Alpaca instructions, measured: median 0.73, a quarter below
   0.52) and so rarely flag a mismatch at 0.5; a language list (10 languages: median 0.94) makes
@@ -57,7 +71,8 @@ LANG_SCHEMA = pa.schema(
         ("lang_confidence", pa.float64()),
         ("response_lang", pa.string()),
         ("response_lang_confidence", pa.float64()),
-        ("lang_mismatch", pa.bool_()),
+        ("lang_mismatch", pa.bool_()),  # lingua's rule or the script rule (module docstring)
+        ("script_mismatch", pa.bool_()),  # the script rule alone
     ]
 )
 
@@ -148,7 +163,18 @@ _SCRIPT_RANGES: tuple[tuple[int, int, str], ...] = (
     (0xFE70, 0xFEFF, "Arabic"),
     (0x0900, 0x097F, "Devanagari"),
     (0x0980, 0x09FF, "Bengali"),
+    (0x0A00, 0x0A7F, "Gurmukhi"),
+    (0x0A80, 0x0AFF, "Gujarati"),
+    (0x0B80, 0x0BFF, "Tamil"),
+    (0x0C00, 0x0C7F, "Telugu"),
+    (0x0C80, 0x0CFF, "Kannada"),
+    (0x0D00, 0x0D7F, "Malayalam"),
+    (0x0D80, 0x0DFF, "Sinhala"),
     (0x0E00, 0x0E7F, "Thai"),
+    (0x0E80, 0x0EFF, "Lao"),
+    (0x1000, 0x109F, "Myanmar"),
+    (0x1200, 0x137F, "Ethiopic"),
+    (0x1780, 0x17FF, "Khmer"),
     (0x10A0, 0x10FF, "Georgian"),
     (0x1100, 0x11FF, "Hangul"),
     (0x3130, 0x318F, "Hangul"),
@@ -207,6 +233,82 @@ def dominant_script(text: str | None) -> str:
     if cjk >= counts[best]:
         return "Kana" if counts.get("Kana", 0) >= 0.1 * cjk else "Han"
     return best
+
+
+# --- the script rule -----------------------------------------------------------------------------
+
+# A Han character carries about a word, a kana or Hangul character about a syllable.
+SCRIPT_WEIGHT = {"Han": 3, "Kana": 2, "Hangul": 2}
+SCRIPT_FAMILY = {"Kana": "Han"}  # Japanese mixes kana and Han: never a mismatch between them
+SCRIPT_MIN_SHARE = 0.6  # of a side's weighted letters in its dominant script; below: mixed text
+# Each side's dominant script must be (nearly) absent from the other side: a Chinese user who
+# pastes unfenced code or logs, or an English answer with a Chinese term, is not a mismatch.
+SCRIPT_MAX_CROSS_SHARE = 0.1
+
+# An instruction that asks for another language: translating, a language named, "in Chinese".
+# English plus the words for "translate" / the language names in the scripts the rule compares.
+_ASKS_FOR_LANGUAGE = re.compile(
+    r"translat|transliterat|romani[sz]|pinyin|romaji|\blanguages?\b|"
+    r"\b(?:english|chinese|mandarin|cantonese|japanese|korean|russian|ukrainian|belarusian|"
+    r"bulgarian|serbian|macedonian|kazakh|mongolian|greek|hebrew|yiddish|arabic|persian|farsi|"
+    r"urdu|pashto|hindi|marathi|nepali|sanskrit|bengali|bangla|punjabi|gujarati|tamil|telugu|"
+    r"kannada|malayalam|sinhala|thai|lao|burmese|khmer|georgian|armenian|amharic|french|german|"
+    r"spanish|portuguese|italian|dutch|polish|czech|turkish|vietnamese|indonesian|latin)\b|"
+    r"翻译|翻譯|译|譯|訳|中文|汉语|漢語|英文|英语|英語|日语|日語|日本語|韩语|韓語|한국어|영어|번역|"
+    r"перев|английск|русск|язык|ترجم|عربي|إنجليز|انگلیس|अनुवाद|अंग्रेज़?ी|हिंदी|हिन्दी|แปล|ภาษา|"
+    r"μετάφρ|αγγλικ|ελληνικ|תרגם|תרגום|אנגלית|עברית",
+    re.I,
+)
+
+
+@dataclass(frozen=True)
+class ScriptProfile:
+    script: str  # the dominant script (kana folded into Han); "None" without letters
+    share: float  # its share of the side's weighted letters
+    weight: float  # the side's weighted letters
+    shares: tuple[tuple[str, float], ...] = ()  # every script's share, largest first
+
+    def share_of(self, script: str) -> float:
+        return dict(self.shares).get(script, 0.0)
+
+
+def script_profile(cleaned: str) -> ScriptProfile:
+    """The dominant script of already-cleaned text, weighted (see the module docstring)."""
+    weights: dict[str, float] = {}
+    for script, count in script_counts(cleaned).items():
+        family = SCRIPT_FAMILY.get(script, script)
+        weights[family] = weights.get(family, 0.0) + count * SCRIPT_WEIGHT.get(script, 1)
+    total = sum(weights.values())
+    if not total:
+        return ScriptProfile("None", 0.0, 0.0)
+    ranked = sorted(weights, key=lambda s: (-weights[s], s))  # name order breaks ties
+    shares = tuple((s, weights[s] / total) for s in ranked)
+    return ScriptProfile(ranked[0], shares[0][1], total, shares)
+
+
+def asks_for_language(instruction: str | None) -> bool:
+    """The instruction names a language or asks for a translation: a mismatch is expected."""
+    return bool(instruction) and _ASKS_FOR_LANGUAGE.search(instruction) is not None
+
+
+def is_script_mismatch(
+    instruction: ScriptProfile, response: ScriptProfile, min_weight: float, exempt: bool
+) -> bool:
+    """Both sides clearly in one known script each, and the two scripts differ."""
+    if exempt or "None" in (instruction.script, response.script):
+        return False
+    if "Other" in (instruction.script, response.script):
+        return False  # a letter outside every known range: too little known to flag
+    if min(instruction.weight, response.weight) < min_weight:
+        return False
+    if min(instruction.share, response.share) < SCRIPT_MIN_SHARE:
+        return False
+    if instruction.script == response.script:
+        return False
+    return (
+        response.share_of(instruction.script) < SCRIPT_MAX_CROSS_SHARE
+        and instruction.share_of(response.script) < SCRIPT_MAX_CROSS_SHARE
+    )
 
 
 # --- the detector --------------------------------------------------------------------------------
@@ -271,18 +373,21 @@ def detect_languages(
     max_chars: int = DEFAULT_MAX_CHARS,
     accuracy: str = "auto",
     parallel: bool = False,
+    cleaned: Sequence[str] | None = None,
 ) -> list[Detection]:
     """The language of each text (ISO 639-1, or "und" with NaN confidence).
 
     `accuracy`: "auto" (high-accuracy detector for texts under LONG_TEXT_CHARS, low for longer
     ones), "high" or "low". `parallel` uses lingua's own thread pool (all cores): right for one
-    process, wrong inside a Spark task, where every core already runs a task.
+    process, wrong inside a Spark task, where every core already runs a task. `cleaned`: the
+    texts already through `clean_text(text, max_chars)`, when the caller has them.
     """
     if accuracy not in ACCURACY_MODES:
         raise ValueError(f"accuracy must be one of {ACCURACY_MODES}, got {accuracy!r}")
     key = _languages_key(languages)
     allowed = set(key) if key else None
-    cleaned = [clean_text(t, max_chars) for t in texts]
+    if cleaned is None:
+        cleaned = [clean_text(t, max_chars) for t in texts]
     todo = [i for i, c in enumerate(cleaned) if letter_count(c) >= min_chars]
     results = [Detection(UNDETERMINED, math.nan)] * len(texts)
     if accuracy == "auto":
@@ -341,22 +446,33 @@ def lang_table(
     max_chars: int = DEFAULT_MAX_CHARS,
     accuracy: str = "auto",
     parallel: bool = False,
+    by_script: bool = True,
 ) -> pa.Table:
     """LANG_SCHEMA rows for records: both sides detected in one detector call."""
     sides = [side_texts(c) for c in conversations]
+    texts = [s[0] for s in sides] + [s[1] for s in sides]
+    cleaned = [clean_text(t, max_chars) for t in texts]
     detected = detect_languages(
-        [s[0] for s in sides] + [s[1] for s in sides],
+        texts,
         languages,
         min_chars=min_chars,
         max_chars=max_chars,
         accuracy=accuracy,
         parallel=parallel,
+        cleaned=cleaned,
     )
     n = len(sides)
     instruction, response = detected[:n], detected[n:]
+    profiles = [script_profile(c) for c in cleaned]
+    script = [
+        is_script_mismatch(profiles[i], profiles[n + i], min_chars, asks_for_language(s[0]))
+        if (s[0] or s[1])
+        else None
+        for i, s in enumerate(sides)
+    ]
     mismatch = [
-        is_mismatch(a, b, min_confidence) if (s[0] or s[1]) else None
-        for a, b, s in zip(instruction, response, sides, strict=True)
+        (is_mismatch(a, b, min_confidence) or (by_script and bool(by))) if (s[0] or s[1]) else None
+        for a, b, by, s in zip(instruction, response, script, sides, strict=True)
     ]
     return pa.Table.from_pydict(
         {
@@ -366,6 +482,7 @@ def lang_table(
             "response_lang": [d.lang for d in response],
             "response_lang_confidence": [d.confidence for d in response],
             "lang_mismatch": mismatch,
+            "script_mismatch": script,
         },
         schema=LANG_SCHEMA,
     )

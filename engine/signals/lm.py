@@ -15,6 +15,33 @@ Truncation to `max_length` tokens (both sides score the same answer tokens): whe
 long, the answer keeps min(len(A), max(max_length - len(P), max_length // 2)) tokens from its
 start and the prompt keeps its last tokens in the remaining room; `truncated` is then true.
 A record's aggregate pools all its turns' answer tokens (token-weighted mean losses).
+
+That is definition `winnow` (the default, and the only one with templates and multi-turn
+history). Two more definitions reproduce the papers' code exactly (`plan_records`):
+
+`cherry`: Cherry LLM, `cherry_seletion/data_analysis.py` + `data_by_IFD.py` (`--prompt alpaca`):
+  prompt P = its Alpaca template, with-input variant when the row has an input, ending
+  `### Response:` (no newline); cond text = P + A, direct text = '### Response:' + A; every text
+  goes through `tokenizer.encode(text, truncation=True, max_length=...)` (the tokenizer's own
+  special tokens, BOS included where it adds one, on both sides). The scored tokens start at
+  `len(tokenizer.encode(text[:text.rfind(A)]))` (the prompt's token count, untruncated, special
+  tokens included) and run to the end of the truncated sequence; loss = mean NLL over them.
+  Lengths: max_length (default 512) truncates the cond text's tail; the direct text is truncated
+  to `max_length - len(P) + 4` tokens (the reference's "+ 4"). A row is skipped (no score, reason
+  `lm_prompt_too_long`) when its prompt fills max_length, or when `len(P) + direct answer tokens
+  > max_length`. Quirk: that "+ 4" assumes '### Response:' is 4 tokens with BOS (Llama); with a
+  tokenizer that adds no BOS it is 3 (SmolLM2, GPT-2), the direct side keeps one answer token
+  more than the cond side and the second rule then skips every row whose answer is truncated.
+`superfiltering`: Superfiltering, `code_ifd/data_analysis.py`: P = "{instruction}\n{input}\n"
+  (or "{instruction}\n"); cond text = P + A, scored as Cherry's (model loss over the labels
+  from `len(tokenizer.encode(P))` on, max_length default 1024); direct text = A alone, encoded
+  with `max_length - len(P) + 1` and scored from its second token: with a BOS (Llama) every
+  answer token is scored, without one (GPT-2, SmolLM2) the first answer token never is.
+  A prompt that fills max_length gives NaN there (reason `lm_prompt_too_long` here).
+Both score each answer on its own (the references are single-turn; our extension for chats:
+every scorable assistant turn is scored with its own user turn as instruction, without the earlier
+turns or the system prompt, and the turns pool as above). `template` does not apply to them. Their
+cond and direct sides may score different token counts; `answer_tokens` counts the cond side.
 """
 
 from __future__ import annotations
@@ -28,15 +55,36 @@ import numpy as np
 import pyarrow as pa
 
 from engine import reasons
+from engine.records import split_input
 from engine.signals.turns import scorable_turns
 
 Template = Literal["alpaca", "plain", "chat"]
+Definition = Literal["winnow", "cherry", "superfiltering"]
+DEFINITIONS: tuple[str, ...] = ("winnow", "cherry", "superfiltering")
+# max_length when the settings leave it unset: the references' own defaults.
+DEFAULT_MAX_LENGTH = {"winnow": 1024, "cherry": 512, "superfiltering": 1024}
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
+
+# Cherry LLM, cherry_seletion/data_analysis.py PROMPT_DICT: byte-identical.
+CHERRY_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+CHERRY_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+CHERRY_DIRECT_PREFIX = "### Response:"  # direct_answer_text = '### Response:' + output
+# Superfiltering, code_ifd/data_analysis.py PROMPT_DICT_NONE: byte-identical.
+SUPERFILTERING_PROMPT_INPUT = "{instruction}\n{input}\n"
+SUPERFILTERING_PROMPT_NO_INPUT = "{instruction}\n"
 
 LM_SCHEMA = pa.schema(
     [
@@ -112,7 +160,8 @@ def plan_turns(
     max_turns: int | None = None,
 ) -> list[TurnPlan]:
     """Every (record, assistant turn) to score, with its cond and direct sequences; with
-    `max_turns`, only each record's first `max_turns` assistant turns (long chats cost less)."""
+    `max_turns`, only each record's first `max_turns` scorable assistant turns (long chats cost
+    less; which turns are scorable and how they are numbered: engine.signals.turns)."""
     if max_length < 4:
         raise ValueError("max_length must be at least 4 tokens")
     start = start_token(tokenizer)
@@ -139,6 +188,125 @@ def plan_turns(
     return plans
 
 
+@dataclass(frozen=True)
+class LMPlan:
+    """What a batch of records scores: its turns, and why a record without any has none."""
+
+    turns: list[TurnPlan]
+    skipped: dict[int, str]  # record -> reason, for records with no planned turn
+
+
+def encode(tokenizer: Any, text: str, max_length: int | None = None) -> list[int]:
+    """`tokenizer.encode` as both references call it: the tokenizer's own special tokens, and
+    truncation of the tail to `max_length` tokens (special tokens included) when given."""
+    if max_length is None:
+        return list(tokenizer.encode(text))
+    return list(tokenizer.encode(text, truncation=True, max_length=max_length))
+
+
+def answer_start(tokenizer: Any, text: str, answer: str) -> int:
+    """The references' first scored position: the token count of the text before the answer's
+    last occurrence (`len(tokenizer.encode(text[:text.rfind(answer)]))`, untruncated, special
+    tokens included). Where the tokenizer merges across the prompt/answer boundary this is off
+    from the answer's true first token, in the reference too; it is kept as is."""
+    return len(encode(tokenizer, text[: text.rfind(answer)]))
+
+
+def _cherry_turn(
+    tokenizer: Any, instruction: str, extra: str, answer: str, max_length: int
+) -> tuple[ScoredSequence, ScoredSequence, bool] | str:
+    """Cherry LLM's cond and direct sequences for one answer, or the reason it is skipped."""
+    if extra != "":
+        prompt = CHERRY_PROMPT_INPUT.format_map({"instruction": instruction, "input": extra})
+    else:
+        prompt = CHERRY_PROMPT_NO_INPUT.format_map({"instruction": instruction})
+    whole, direct_text = prompt + answer, CHERRY_DIRECT_PREFIX + answer
+    prompt_len = len(encode(tokenizer, prompt, max_length))
+    if max_length - prompt_len <= 0:  # data_by_IFD: `if args.max_length-instruct_i_len > 0`
+        return reasons.LM_PROMPT_TOO_LONG
+    direct = encode(tokenizer, direct_text, max_length - prompt_len + 4)
+    direct_from = answer_start(tokenizer, direct_text, answer)
+    cond = encode(tokenizer, whole, max_length)
+    cond_from = answer_start(tokenizer, whole, answer)
+    direct_len, cond_len = len(direct) - direct_from, len(cond) - cond_from
+    if direct_len <= 0 or cond_len <= 0 or min(direct_from, cond_from) < 1:
+        return reasons.NO_SCORABLE_ANSWER
+    if prompt_len + direct_len > max_length:
+        return reasons.LM_PROMPT_TOO_LONG
+    truncated = len(encode(tokenizer, whole)) > len(cond)
+    return ScoredSequence(cond, cond_from), ScoredSequence(direct, direct_from), truncated
+
+
+def _superfiltering_turn(
+    tokenizer: Any, instruction: str, extra: str, answer: str, max_length: int
+) -> tuple[ScoredSequence, ScoredSequence, bool] | str:
+    """Superfiltering's cond and direct sequences for one answer, or the reason it is skipped
+    (where the reference's losses are NaN)."""
+    if extra != "":
+        prompt = SUPERFILTERING_PROMPT_INPUT.format_map(
+            {"instruction": instruction, "input": extra}
+        )
+    else:
+        prompt = SUPERFILTERING_PROMPT_NO_INPUT.format_map({"instruction": instruction})
+    whole = prompt + answer
+    prompt_len = len(encode(tokenizer, prompt, max_length))
+    if prompt_len >= max_length:  # the direct side keeps 1 token, the cond side none: NaN
+        return reasons.LM_PROMPT_TOO_LONG
+    # `labels=input_ids`: the model's shifted loss never scores position 0
+    direct = encode(tokenizer, answer, max_length - prompt_len + 1)
+    cond = encode(tokenizer, whole, max_length)
+    cond_from = max(1, answer_start(tokenizer, whole, answer))
+    if len(direct) < 2 or cond_from >= len(cond):  # a loss over no token: NaN in the reference
+        return reasons.NO_SCORABLE_ANSWER
+    truncated = len(encode(tokenizer, whole)) > len(cond)
+    return ScoredSequence(cond, cond_from), ScoredSequence(direct, 1), truncated
+
+
+_REFERENCE_TURN = {"cherry": _cherry_turn, "superfiltering": _superfiltering_turn}
+
+
+def plan_records(
+    tokenizer: Any,
+    conversations: Sequence[list[dict[str, Any]]],
+    max_length: int,
+    max_turns: int | None = None,
+    definition: Definition = "winnow",
+    template: Template = "alpaca",
+) -> LMPlan:
+    """Every turn to score under `definition` (see the module docstring); `template` only
+    applies to `winnow`."""
+    if definition == "winnow":
+        return LMPlan(plan_turns(tokenizer, conversations, template, max_length, max_turns), {})
+    if definition not in _REFERENCE_TURN:
+        raise ValueError(f"definition must be one of {', '.join(DEFINITIONS)}, got {definition!r}")
+    if max_length < 4:
+        raise ValueError("max_length must be at least 4 tokens")
+    plan_turn = _REFERENCE_TURN[definition]
+    turns: list[TurnPlan] = []
+    skipped: dict[int, str] = {}
+    for r, conversation in enumerate(conversations):
+        why: set[str] = set()
+        planned = 0
+        for t in scorable_turns(conversation, max_turns):
+            instruction, extra = split_input(conversation[t.user_index])
+            out = plan_turn(
+                tokenizer, instruction, extra, conversation[t.index]["content"], max_length
+            )
+            if isinstance(out, str):
+                why.add(out)
+                continue
+            cond, direct, truncated = out
+            turns.append(TurnPlan(r, t.turn, cond, direct, truncated))
+            planned += 1
+        if not planned:
+            skipped[r] = (
+                reasons.LM_PROMPT_TOO_LONG
+                if reasons.LM_PROMPT_TOO_LONG in why
+                else reasons.NO_SCORABLE_ANSWER
+            )
+    return LMPlan(turns, skipped)
+
+
 def mean_loss(nll: np.ndarray) -> float:
     return float(np.mean(nll)) if len(nll) else math.nan
 
@@ -162,8 +330,10 @@ def record_signals(
     plans: Sequence[TurnPlan],
     cond_nll: Sequence[np.ndarray],
     direct_nll: Sequence[np.ndarray],
+    skipped: dict[int, str] | None = None,
 ) -> pa.RecordBatch:
-    """Per-record columns: pooled over turns (token-weighted), plus each turn's IFD."""
+    """Per-record columns: pooled over turns (token-weighted), plus each turn's IFD; a record
+    without turns gets NaN and its reason from `skipped` (default: no scorable answer)."""
     by_record: dict[int, list[int]] = {}
     for k, plan in enumerate(plans):
         by_record.setdefault(plan.record, []).append(k)
@@ -178,7 +348,7 @@ def record_signals(
             out["truncated"].append(False)
             out["lm_turns"].append(0)
             out["turn_ifd"].append([])
-            out["lm_reason"].append(reasons.NO_SCORABLE_ANSWER)
+            out["lm_reason"].append((skipped or {}).get(r, reasons.NO_SCORABLE_ANSWER))
             continue
         pooled = turn_signals(
             np.concatenate([cond_nll[k] for k in turns]),

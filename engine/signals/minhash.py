@@ -11,8 +11,14 @@ each distinct word of a batch are Python loops.
 - shingle hash: 64-bit, from the blake2b-64 hashes of its words combined in order.
 - signature: for each of `num_perm` permutations h(x) = (a*x + b) mod (2^61 - 1), with (a, b)
   drawn from a seeded generator, the minimum over the text's shingles.
-- bands: `bands` groups of num_perm / bands consecutive signature values, each hashed to a 64-bit
-  key; two texts sharing any band key are a candidate pair.
+- bands: `bands` groups of `rows` consecutive signature values (the first bands * rows of the
+  signature), each hashed to a 64-bit key; two texts sharing any band key are a candidate pair.
+  A pair with Jaccard similarity J becomes a candidate with probability 1 - (1 - J^rows)^bands
+  (`candidate_probability`).
+- banding from a threshold (`optimal_banding`): the (bands, rows) with bands * rows <= num_perm
+  that minimise w_fp * (integral of that probability over J in [0, t]) + w_fn * (integral of
+  its complement over [t, 1]), searched in datasketch's order (bands ascending, then rows) with
+  its first-minimum rule, as datasketch's `MinHashLSH` (`lsh._optimal_param`) chooses them.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Iterable
+from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
@@ -199,16 +206,71 @@ def signatures(
     )
 
 
-def band_keys(signature: np.ndarray, bands: int) -> np.ndarray:
-    """(rows, bands) uint64: one hash per band of num_perm / bands consecutive values."""
-    rows, num_perm = signature.shape
-    if num_perm % bands:
-        raise ValueError(f"bands ({bands}) must divide num_perm ({num_perm})")
-    grouped = signature.reshape(rows, bands, num_perm // bands)
-    combined = np.zeros((rows, bands), dtype=np.uint64)
+def band_keys(signature: np.ndarray, bands: int, rows: int | None = None) -> np.ndarray:
+    """(texts, bands) uint64: one hash per band of `rows` consecutive values.
+
+    `rows` None: num_perm / bands (bands must divide num_perm). Otherwise bands * rows may be
+    below num_perm, as datasketch's optimal banding often is: the last values are then unused.
+    """
+    texts, num_perm = signature.shape
+    if rows is None:
+        if num_perm % bands:
+            raise ValueError(f"bands ({bands}) must divide num_perm ({num_perm})")
+        rows = num_perm // bands
+    if bands < 1 or rows < 1 or bands * rows > num_perm:
+        raise ValueError(f"bands ({bands}) x rows ({rows}) must be in 1..num_perm ({num_perm})")
+    grouped = signature[:, : bands * rows].reshape(texts, bands, rows)
+    combined = np.zeros((texts, bands), dtype=np.uint64)
     for j in range(grouped.shape[2]):
         combined = combined * _COMBINE + grouped[:, :, j]
     return _mix64(combined)
+
+
+def candidate_probability(jaccard: float | np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """P(a pair with this Jaccard similarity shares at least one band): the LSH S-curve."""
+    return 1.0 - (1.0 - np.asarray(jaccard, dtype=np.float64) ** rows) ** bands
+
+
+def banding_errors(
+    threshold: float, num_perm: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(bands, rows, false-positive integral, false-negative integral) of every banding that
+    datasketch's search visits, in its order: bands 1..num_perm, rows 1..num_perm // bands.
+
+    The integrands are polynomials of degree bands * rows <= num_perm, so Gauss-Legendre
+    quadrature with num_perm // 2 + 1 nodes is exact (datasketch integrates with scipy's
+    adaptive `quad`; both agree to rounding).
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold ({threshold}) must be in (0, 1]")
+    if num_perm < 1:
+        raise ValueError(f"num_perm ({num_perm}) must be at least 1")
+    bands = np.concatenate([np.full(num_perm // b, b) for b in range(1, num_perm + 1)])
+    rows = np.concatenate([np.arange(1, num_perm // b + 1) for b in range(1, num_perm + 1)])
+    nodes, weights = np.polynomial.legendre.leggauss(num_perm // 2 + 1)
+
+    def integral(low: float, high: float, false_negative: bool) -> np.ndarray:
+        s = low + (high - low) * (nodes + 1.0) / 2.0  # nodes mapped onto [low, high]
+        miss = (1.0 - s[None, :] ** rows[:, None]) ** bands[:, None]  # 1 - P(candidate)
+        values = miss if false_negative else 1.0 - miss
+        return values @ weights * (high - low) / 2.0
+
+    return bands, rows, integral(0.0, threshold, False), integral(threshold, 1.0, True)
+
+
+@lru_cache(maxsize=64)  # a Spark worker asks once per batch; the search is 0.05 s at 128
+def optimal_banding(
+    threshold: float,
+    num_perm: int,
+    false_positive_weight: float = 0.5,
+    false_negative_weight: float = 0.5,
+) -> tuple[int, int]:
+    """(bands, rows) minimising the weighted false-positive + false-negative integrals:
+    datasketch's `MinHashLSH` parameters for (threshold, num_perm, weights), reproduced."""
+    bands, rows, fp, fn = banding_errors(threshold, num_perm)
+    error = fp * false_positive_weight + fn * false_negative_weight
+    best = int(np.argmin(error))  # the first minimum, as datasketch's strict `<` keeps
+    return int(bands[best]), int(rows[best])
 
 
 def estimate_jaccard(signature_a: np.ndarray, signature_b: np.ndarray) -> np.ndarray:

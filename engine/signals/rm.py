@@ -5,9 +5,10 @@ Pure Python (no torch). The scorer (engine.backends.reward) receives the pairs b
 returns one float per pair: the reward model's single logit for `(instruction, response)`.
 
 Pairs. The scored turns are those of engine.signals.turns, the walker LM scoring and the judges
-share, so every signal agrees on what a turn number and `max_turns` mean: each assistant turn
-with non-blank content and a user turn before it, among the first `max_turns` assistant turns
-(an unscorable turn, such as a greeting that opens a chat, keeps its number). A pair's
+share, so every signal agrees on what a turn number and `max_turns` mean: the first `max_turns`
+assistant turns with non-blank content and a user turn before them (an unscorable turn, such as
+a greeting that opens a chat, is skipped, does not count towards `max_turns`, and keeps its
+number). A pair's
 instruction is the last user turn before its answer; system turns and earlier context are not
 part of it (the reward models this signal targets, such as OpenAssistant's DeBERTa family, score
 a bare question/answer pair).

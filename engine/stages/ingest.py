@@ -298,7 +298,10 @@ def ingest_settings(job: JobSpec) -> dict[str, Any]:
 
 STAGE = Stage(
     name="ingest",
-    version=2,
+    # 3: user turns of Alpaca/Dolly rows keep their `input` (engine.records); ids unchanged
+    # 4: indicators add longest_response_chars and the hygiene statistics (Gopher repetition,
+    #    compression ratio) of both sides
+    version=4,
     engine="spark",
     reads=("inputs",),
     writes=("records", "signals/indicators", "quarantine.jsonl"),

@@ -5,8 +5,12 @@ Each judge is one part of the actor driver (engine.stages.actor_scoring) with a 
 so enabling another judge later scores only that judge. A judge's cache key comes from the
 stage's settings less what cannot change that judge's numbers (the other judges, the backend
 within a family: transformers and vLLM both give log-probabilities and share answers; the
-endpoint), plus the judge's own definition. The judging arithmetic lives in
-engine.signals.judge (`score_batch`); this module only wires it to the actor pool.
+endpoint), plus how the judge runs (`JudgeMethod.describe()`: its definition, prompt style and
+scoring; `max_new_tokens` too where the reply is parsed). `scoring` and the per-judge
+`alpagasus.prompt_style` / `deita.prompt_style` choose the method (`judge_methods`; the openai
+backend refuses `deita.prompt_style: raw`, which needs the model's own tokenizer). The judging
+arithmetic lives in engine.signals.judge (`score_batch`); this module only wires it to the actor
+pool.
 """
 
 from __future__ import annotations
@@ -22,12 +26,16 @@ from pydantic import Field, field_validator, model_validator
 from engine.cache import ScoreCache
 from engine.runtime.rundir import fingerprint
 from engine.signals.judge import (
+    DEITA_RAW_TEMPLATES,
     REASON_UNPARSED,
+    JudgeMethod,
     judge_definitions,
     judge_table,
+    resolve_method,
     score_batch,
 )
 from engine.signals.judge_schema import BUILTIN_JUDGES, judge_fields, judge_schema
+from engine.signals.turns import turn_rule_settings
 from engine.stages.actor_scoring import NEEDS, ActorPool, run_actor_pool
 from engine.stages.contract import (
     ActorResources,
@@ -58,6 +66,26 @@ class OpenAISettings(Settings):
     model: str | None = Field(default=None, description="served model name (default: the model)")
     logprobs: bool = Field(
         default=True, description="ask for top log-probabilities (expected-value scoring)"
+    )
+
+
+class AlpagasusSettings(Settings):
+    """How the `alpagasus` judge is asked."""
+
+    prompt_style: Literal["fenced", "reference"] = Field(
+        default="fenced",
+        description="fenced: the paper's words around fenced data, hardened system prompt; "
+        "reference: the rating script's exact unfenced messages",
+    )
+
+
+class DeitaSettings(Settings):
+    """How the `deita_quality` and `deita_complexity` judges are asked."""
+
+    prompt_style: Literal["chat", "raw"] = Field(
+        default="chat",
+        description="chat: fenced chat prompt for a general judge; raw: the DEITA scorer "
+        "models' own template, no chat template",
     )
 
 
@@ -107,12 +135,32 @@ class JudgeSettings(Settings):
     dtype: Dtype = "auto"
     max_length: Annotated[int, Field(ge=64)] = 2048
     max_turns: Annotated[int, Field(ge=1)] | None = None
-    max_new_tokens: Annotated[int, Field(ge=1)] = 8
+    max_new_tokens: Annotated[int, Field(ge=1)] = Field(
+        default=32, description="tokens generated for a reply that is parsed (scoring parse)"
+    )
+    scoring: Literal["reference", "expected", "parse"] = Field(
+        default="reference",
+        description="reference: each judge as its paper (AlpaGasus generate+parse, DEITA "
+        "expected value); expected: expected value over the scale tokens; parse: generate and "
+        "parse (Winnow's parser)",
+    )
+    alpagasus: AlpagasusSettings = Field(default_factory=AlpagasusSettings)
+    deita: DeitaSettings = Field(default_factory=DeitaSettings)
     trust_remote_code: bool = False
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
     custom: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")], CustomJudgeSpec] = Field(
         default_factory=dict
     )
+
+    @model_validator(mode="after")
+    def _raw_needs_tokenizer(self) -> JudgeSettings:
+        if self.backend == "openai" and self.deita.prompt_style == "raw":
+            raise ValueError(
+                "stages.judge.deita.prompt_style: raw feeds the model a raw string through its "
+                "own tokenizer; the openai backend speaks chat: use backend transformers or "
+                "vllm, or prompt_style: chat"
+            )
+        return self
 
     @field_validator("custom")
     @classmethod
@@ -136,6 +184,10 @@ class JudgeSpec(StageSpec, JudgeSettings):
     stage_name = "judge"
     resources: JudgeResources = Field(default_factory=JudgeResources)
     cache: CacheSpec = Field(default_factory=CacheSpec)
+
+    def settings(self) -> dict[str, Any]:
+        """Plus what `max_turns` counts when it is set (engine.signals.turns)."""
+        return {**super().settings(), **turn_rule_settings(self.max_turns)}
 
     @model_validator(mode="before")
     @classmethod
@@ -168,7 +220,7 @@ class JudgeActor:
 
         self.spec = JudgeSpec.model_validate(spec)
         self.names = names
-        self.judges = judge_definitions(names, self.spec.custom)
+        self.judges = judge_methods(self.spec, names)
         self.backend = judge_backend(**_backend_args(self.spec, model_path))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -201,6 +253,17 @@ def _rows_schema(names: list[str]) -> pa.Schema:
     return pa.schema(fields)
 
 
+def judge_methods(spec: JudgeSettings, names: list[str]) -> list[JudgeMethod]:
+    """How each named judge runs under the stage's `scoring` and prompt styles."""
+    methods = []
+    for judge in judge_definitions(names, spec.custom):
+        reference = (judge.name == "alpagasus" and spec.alpagasus.prompt_style == "reference") or (
+            judge.name in DEITA_RAW_TEMPLATES and spec.deita.prompt_style == "raw"
+        )
+        methods.append(resolve_method(judge, spec.scoring, "reference" if reference else "fenced"))
+    return methods
+
+
 def judge_settings(job: JobSpec) -> dict[str, Any]:
     """The marker's settings: the stage's settings and which judges run."""
     return {**job.stages.judge.settings(), "judges": judge_names(job.signals)}
@@ -216,11 +279,15 @@ def judge_cache_keys(job: JobSpec) -> dict[str, str]:
     family = "logprob" if not openai or spec.openai.logprobs else "text"
     model = (spec.openai.model or spec.model) if openai else model_identity(spec.model)
     shared = {k: settings[k] for k in ("revision", "max_length", "max_turns", "trust_remote_code")}
+    shared.update(turn_rule_settings(spec.max_turns))
     shared.update(model=model, family=family, dtype=None if openai else spec.dtype)
-    return {
-        judge.name: fingerprint("judge", STAGE.version, judge.describe(), shared)
-        for judge in judge_definitions(judge_names(job.signals), spec.custom)
-    }
+    keys = {}
+    for method in judge_methods(spec, judge_names(job.signals)):
+        # a parsed reply depends on how much of it is generated
+        extra = {"max_new_tokens": spec.max_new_tokens} if method.mode == "parse" else {}
+        key = fingerprint("judge", STAGE.version, method.describe(), {**shared, **extra})
+        keys[method.judge.name] = key
+    return keys
 
 
 def _backend_args(spec: JudgeSpec, model_path: str) -> dict[str, Any]:
@@ -255,6 +322,18 @@ def _backend_args(spec: JudgeSpec, model_path: str) -> dict[str, Any]:
         "use_gpu": res.num_gpus > 0,
         "openai": endpoint,
     }
+
+
+def _warn_unparsed(ctx: StageContext, name: str, unparsed: int, rows: int) -> None:
+    """Say so when most replies give no score: a judge too weak for its reply format (the
+    built-in 135M model never opens a reply with AlpaGasus' score line) would otherwise only
+    show up as a selection that rejects every row."""
+    if rows and unparsed > rows // 2:
+        ctx.log(
+            f"warning: judge {name}: {unparsed} of {rows} rows got no score from the model's "
+            "replies (judge_unparsed); use a stronger judge model, or stages.judge.scoring: "
+            "expected"
+        )
 
 
 def run_judge(ctx: StageContext) -> dict[str, Any]:
@@ -304,6 +383,7 @@ def run_judge(ctx: StageContext) -> dict[str, Any]:
             "mean": float(np.nanmean(values)) if np.isfinite(values).any() else None,
             "fingerprint": keys[judge.name],
         }
+        _warn_unparsed(ctx, judge.name, info["judges"][judge.name]["unparsed"], len(result.ids))
     sidecar = judge_table(result.ids, columns, names)
     ctx.run.write_sidecar("judge", sidecar)
     return {

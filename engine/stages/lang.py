@@ -3,7 +3,8 @@
 `mapInArrow` over the unique records (`dup_of` null) in `records/`; each Python worker builds the
 lingua detector once (a module-level cache in engine.signals.lang) and reuses it for every batch
 of every partition it runs (Spark reuses Python workers by default). Writes `signals/lang/`, one
-row per unique id (LANG_SCHEMA).
+row per unique id (LANG_SCHEMA): languages, lingua's confidences, `script_mismatch` (the script
+rule alone) and `lang_mismatch` (lingua's rule, or the script rule unless `by_script: false`).
 
 Memory: lingua with every language in high-accuracy mode holds ~1.2-1.4 GB per Python worker, so
 a node runs at most as many of those as it has Spark task slots: size executors' memory for it,
@@ -35,7 +36,12 @@ class LangSettings(Settings):
         default=12, description="letters below which a side is undetermined ('und')"
     )
     min_confidence: Annotated[float, Field(ge=0, le=1)] = Field(
-        default=0.5, description="lang_mismatch only when both sides are at least this confident"
+        default=0.5, description="lingua's rule: both sides at least this confident"
+    )
+    by_script: bool = Field(
+        default=True,
+        description="lang_mismatch also flags incompatible dominant scripts (Latin vs Han, "
+        "Cyrillic, ...) whatever lingua's confidence; script_mismatch is written either way",
     )
     accuracy: Literal["auto", "high", "low"] = Field(
         default="auto",
@@ -56,6 +62,7 @@ def detect_batch(batch: pa.RecordBatch, spec: LangSettings) -> pa.Table:
         min_chars=spec.min_chars,
         min_confidence=spec.min_confidence,
         accuracy=spec.accuracy,
+        by_script=spec.by_script,
     )
 
 
@@ -99,6 +106,7 @@ def run_lang(ctx: StageContext) -> dict[str, Any]:
         totals = written.agg(
             F.count(F.lit(1)).alias("rows"),
             F.sum(F.col("lang_mismatch").cast("int")).alias("mismatches"),
+            F.sum(F.col("script_mismatch").cast("int")).alias("script_mismatches"),
             F.sum((F.col("response_lang") == UNDETERMINED).cast("int")).alias("response_und"),
         ).first()
     return {
@@ -106,6 +114,7 @@ def run_lang(ctx: StageContext) -> dict[str, Any]:
         "languages": dict(list(counts.items())[:TOP_LANGUAGES]),
         "distinct_languages": len([c for c in counts if c != UNDETERMINED]),
         "mismatches": int(totals["mismatches"] or 0),
+        "script_mismatches": int(totals["script_mismatches"] or 0),
         "undetermined": int(counts.get(UNDETERMINED, 0)),
         "response_undetermined": int(totals["response_und"] or 0),
         "accuracy": spec.accuracy,
@@ -114,7 +123,7 @@ def run_lang(ctx: StageContext) -> dict[str, Any]:
 
 STAGE = Stage(
     name="lang",
-    version=1,
+    version=2,  # 2: script_mismatch column; lang_mismatch includes the script rule
     engine="spark",
     reads=("records",),
     writes=("signals/lang",),

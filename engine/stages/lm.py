@@ -2,9 +2,9 @@
 
 The actor plans which tokens to score (engine.signals.lm), hands the token ids to its backend
 (transformers or vLLM, engine.backends.lm_scorer) and turns the NLLs into signal columns. The
-score cache key is the stage's settings fingerprint (model identity, revision, backend, template,
-max_length, max_turns, dtype): a later run over the same rows, in any corpus, reads them instead
-of scoring again.
+score cache key is the stage's settings fingerprint (model identity, revision, backend,
+definition, template, max_length, max_turns, dtype): a later run over the same rows, in any
+corpus, reads them instead of scoring again.
 """
 
 from __future__ import annotations
@@ -13,9 +13,16 @@ import math
 from typing import Annotated, Any, Literal
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from engine.signals.lm import LM_SCHEMA, plan_turns, record_signals
+from engine.signals.lm import (
+    DEFAULT_MAX_LENGTH,
+    LM_SCHEMA,
+    Definition,
+    plan_records,
+    record_signals,
+)
+from engine.signals.turns import turn_rule_settings
 from engine.stages.actor_scoring import score_records
 from engine.stages.contract import (
     ActorResources,
@@ -35,13 +42,32 @@ class LMSettings(Settings):
     model: str = "builtin:smollm2-135m"
     revision: str | None = None
     backend: Literal["transformers", "vllm"] = "transformers"
-    template: Literal["alpaca", "plain", "chat"] = "alpaca"
-    max_length: Annotated[int, Field(ge=16)] = 1024
-    max_turns: Annotated[int, Field(ge=1)] | None = Field(
-        default=None, description="score only the first N assistant turns of each record"
+    definition: Definition = Field(
+        default="winnow",
+        description="winnow: Winnow's IFD (templates, chats); cherry / superfiltering: the "
+        "papers' reference code exactly (their own templates; `template` does not apply)",
     )
-    dtype: Dtype = Field(default="auto", description="auto: bf16 where native, else fp32")
+    template: Literal["alpaca", "plain", "chat"] = "alpaca"
+    max_length: Annotated[int, Field(ge=16)] = Field(
+        default=1024, description="tokens per sequence; unset with definition cherry: 512"
+    )
+    max_turns: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="score only the first N scorable assistant turns of each record"
+    )
+    dtype: Dtype = Field(
+        default="auto", description="auto: bf16 where native, else fp32; float32: fp32 end to end"
+    )
     trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _definition_max_length(cls, data: Any) -> Any:
+        """max_length left unset takes the definition's reference default (Cherry LLM: 512)."""
+        if isinstance(data, dict) and "max_length" not in data:
+            definition = data.get("definition", "winnow")
+            if definition in DEFAULT_MAX_LENGTH:
+                data = {**data, "max_length": DEFAULT_MAX_LENGTH[definition]}
+        return data
 
 
 class LMResources(ActorResources):
@@ -57,6 +83,10 @@ class LMSpec(StageSpec, LMSettings):
     resources: LMResources = Field(default_factory=LMResources)
     cache: CacheSpec = Field(default_factory=CacheSpec)
 
+    def settings(self) -> dict[str, Any]:
+        """Plus what `max_turns` counts when it is set (engine.signals.turns)."""
+        return {**super().settings(), **turn_rule_settings(self.max_turns)}
+
 
 class LMScoringActor:
     """One model per actor: (id, conversation) batches in, LM signal columns out."""
@@ -67,6 +97,7 @@ class LMScoringActor:
         template: str,
         max_length: int,
         max_turns: int | None,
+        definition: Definition = "winnow",
         **backend: Any,
     ) -> None:
         from engine.backends import lm_scorer
@@ -74,19 +105,24 @@ class LMScoringActor:
 
         self.tokenizer = load_tokenizer(model_path, backend["trust_remote_code"])
         self.template, self.max_length, self.max_turns = template, max_length, max_turns
-        self.scorer = lm_scorer(model_path=model_path, max_length=max_length, **backend)
+        self.definition = definition
+        # Cherry's direct side may run 4 tokens past max_length (its "+ 4"): room for it in vLLM.
+        room = max_length + 4 if definition == "cherry" else max_length
+        self.scorer = lm_scorer(model_path=model_path, max_length=room, **backend)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = batch["id"].to_pylist()
-        plans = plan_turns(
+        plan = plan_records(
             self.tokenizer,
             batch["conversation"].to_pylist(),
-            self.template,
             self.max_length,
             self.max_turns,
+            self.definition,
+            self.template,  # type: ignore[arg-type]
         )
-        nll = self.scorer.token_nll([p.cond for p in plans] + [p.direct for p in plans])
-        signals = record_signals(ids, plans, nll[: len(plans)], nll[len(plans) :])
+        turns = plan.turns
+        nll = self.scorer.token_nll([p.cond for p in turns] + [p.direct for p in turns])
+        signals = record_signals(ids, turns, nll[: len(turns)], nll[len(turns) :], plan.skipped)
         return pa.Table.from_batches([signals])
 
     def __del__(self) -> None:
@@ -104,6 +140,7 @@ def run_lm(ctx: StageContext) -> dict[str, Any]:
     kwargs = {
         "model_path": model_path,
         "template": spec.template,
+        "definition": spec.definition,
         "max_length": spec.max_length,
         "max_turns": spec.max_turns,
         "backend": spec.backend,

@@ -8,14 +8,14 @@ a record's `rm_score` is pooled: engine.signals.rm; how a pair is tokenized and 
 engine.backends.reward. `rm_score` is an ordinary number column: a ranking score
 (`select.score: rm_score`, as MoDS ranks by a reward model) and usable in filters.
 
-Defaults: `max_turns: 1` (the first assistant turn, numbered as LM scoring and the judges number
-turns: engine.signals.turns) — these reward models score a bare (question, answer) pair with no
-earlier context, so a later turn ("and in Python?") is scored out of context; the first turn is
-the one whose instruction stands alone, and the cost stays one pair per record (null scores every
-turn; the record's score is then the mean). `dtype: float32` — reward models are small enough
+Defaults: `max_turns: 1` (the first scorable assistant turn, counted and numbered as LM scoring and
+the judges do: engine.signals.turns) — these reward models score a bare (question, answer) pair
+with no earlier context, so a later turn ("and in Python?") is scored out of context; the first
+turn is the one whose instruction stands alone, and the cost stays one pair per record (null scores
+every turn; the record's score is then the mean). `dtype: float32` — reward models are small enough
 (DeBERTa-v3-large: 435M parameters) for float32 anywhere, DeBERTa-v3 is known to be unstable in
-float16, and a cached score is then the same number on every machine ("auto" would give bf16
-scores on some hosts and fp32 on others under one cache key).
+float16, and a cached score is then the same number on every machine ("auto" would give bf16 scores
+on some hosts and fp32 on others under one cache key).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from engine.signals.rm import RM_SCHEMA, plan_pairs, record_columns
+from engine.signals.turns import turn_rule_settings
 from engine.stages.actor_scoring import score_records
 from engine.stages.contract import (
     ActorResources,
@@ -56,7 +57,8 @@ class RMSettings(Settings):
         default=512, description="tokens per pair, special tokens included"
     )
     max_turns: Annotated[int, Field(ge=1)] | None = Field(
-        default=1, description="score only the first N assistant turns of each record (null: all)"
+        default=1,
+        description="score only the first N scorable assistant turns of each record (null: all)",
     )
     dtype: Dtype = Field(default="float32", description="auto: bf16 where native, else fp32")
     trust_remote_code: bool = False
@@ -75,6 +77,10 @@ class RMSpec(StageSpec, RMSettings):
     stage_name = "rm"
     resources: RMResources = Field(default_factory=RMResources)
     cache: CacheSpec = Field(default_factory=CacheSpec)
+
+    def settings(self) -> dict[str, Any]:
+        """Plus what `max_turns` counts when it is set (engine.signals.turns)."""
+        return {**super().settings(), **turn_rule_settings(self.max_turns)}
 
 
 class RewardActor:

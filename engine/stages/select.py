@@ -79,6 +79,21 @@ def run_select(ctx: StageContext) -> dict[str, Any]:
     return summary
 
 
+def check_select(job: JobSpec) -> str | None:
+    """Option combinations that cannot run (reported when the job is validated)."""
+    spec = job.select
+    diversity = spec.diversity
+    if diversity.prefilter_rows is not None or diversity.prefilter_ratio is not None:
+        if spec.selector() != "facility_location":
+            return "select.diversity.prefilter_*: only the facility_location selector prefilters"
+        if spec.ranking_score() is None:
+            return (
+                "select.diversity.prefilter_*: the prefilter keeps the best rows by the ranking "
+                "score; set select.score (Superfiltering.D: ifd_ppl)"
+            )
+    return None
+
+
 def select_settings(job: JobSpec) -> dict[str, Any]:
     return {"select": job.select.model_dump(mode="json"), "seed": job.seed}
 
@@ -91,5 +106,6 @@ STAGE = Stage(
     writes=("scores.parquet",),
     run=run_select,
     settings_of=select_settings,
+    check=check_select,
     description="filters, dedup, budget, quotas: a decision and a reason for every row",
 )

@@ -4,8 +4,9 @@ The corpus is the Alpaca 9k sample replicated to ~100k rows; every replica after
 word-level perturbations (about one edit per 40 words: replace, delete or swap), so each row has
 about ten near-duplicates and few exact ones. Both sides start from the ingested `records/` and
 use the conversation text in 5-word shingles with threshold 0.7:
-- Winnow: `run_minhash` (signatures by mapInArrow, 16 bands x 8 rows, bucket self-join, Jaccard
-  verified on the same signatures, components on the driver), on all rows and on a subset;
+- Winnow: `run_minhash` (signatures by mapInArrow, the spec's banding (default: optimal for the
+  threshold), bucket self-join, Jaccard verified on the same signatures, components on the
+  driver), on all rows and on a subset;
 - Spark ML: RegexTokenizer -> NGram(5) -> HashingTF(binary) -> MinHashLSH(numHashTables) ->
   approxSimilarityJoin(distance <= 0.3), on the subset only when it is much slower (said in the
   output), and without the grouping step.
@@ -141,7 +142,8 @@ def main() -> None:
         spec = job.select.dedup.near
         print(
             f"settings: {spec.text} text, {spec.shingle_words}-word shingles, {spec.num_perm} "
-            f"permutations, {spec.bands} bands, threshold {spec.threshold}"
+            f"permutations, {'{} bands x {} rows'.format(*spec.banding())}, "
+            f"threshold {spec.threshold}"
         )
 
         start = time.perf_counter()
