@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -156,24 +157,27 @@ session.stop()
 """
 
 
-def _runs_silently(script: str, logs: Path) -> Path:
-    """Run `script` in a fresh Python process with `logs` as its argument; it must print nothing."""
+def _runs_silently(script: str, logs: Path, cwd: Path = REPO) -> Path:
+    """Run `script` in a fresh Python process in `cwd` with `logs` as its argument; it must print
+    nothing. Returns `logs` as seen from here."""
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script), str(logs)],
-        cwd=REPO,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr == "" and done.stdout == ""
-    return logs
+    return cwd / logs
 
 
 @pytest.mark.slow
 def test_a_quiet_spark_session_logs_to_files_not_the_terminal(tmp_path: Path) -> None:
-    """In a fresh process, so that this test starts the JVM (Spark keeps one per process)."""
-    logs = _runs_silently(QUIET_SPARK, tmp_path / "logs")
+    """In a fresh process, so that this test starts the JVM (Spark keeps one per process). The
+    logs folder is relative, as `out: runs/demo` makes it (`make demo` once failed on that)."""
+    logs = _runs_silently(QUIET_SPARK, Path("runs/demo/logs"), cwd=tmp_path)
     assert "Running Spark version" in (logs / "spark.log").read_text(encoding="utf-8")
     assert "incubator" in (logs / "spark-jvm.log").read_text(encoding="utf-8")
 

@@ -49,7 +49,9 @@ logger.hadoop.level = warn
 
 
 def write_log4j2_config(logs: Path) -> Path:
-    """A log4j2 properties file in `logs/` that sends every Spark log line to logs/spark.log."""
+    """A log4j2 properties file in `logs/` that sends every Spark log line to logs/spark.log.
+    Absolute: the JVM's options name it by URI, and a run's `out:` may be relative."""
+    logs = logs.absolute()
     logs.mkdir(parents=True, exist_ok=True)
     config = logs / "log4j2.properties"
     config.write_text(LOG4J2_PROPERTIES.format(path=logs / "spark.log"), encoding="utf-8")
