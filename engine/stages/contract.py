@@ -31,6 +31,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.runtime.rundir import fingerprint
+from engine.signals.turns import turn_rule_settings
 
 if TYPE_CHECKING:
     from engine.config import JobSpec
@@ -117,6 +118,14 @@ class StageSpec(Settings):
     def settings(self) -> dict[str, Any]:
         """The part of this block that changes the stage's numbers (JSON-ready)."""
         return self.model_dump(mode="json", include=self.settings_fields())
+
+
+class TurnScoringSpec(StageSpec):
+    """A block whose settings have `max_turns` (LM, judges, reward model): what it counts joins
+    the settings when a limit is set (engine.signals.turns.turn_rule_settings)."""
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), **turn_rule_settings(getattr(self, "max_turns", None))}
 
 
 def warn_moved(

@@ -43,8 +43,8 @@ from engine.stages.contract import (
     Resources,
     Settings,
     StageContext,
-    StageSpec,
     Strict,
+    TurnScoringSpec,
     model_signal_stage,
     warn_moved,
 )
@@ -180,14 +180,10 @@ class JudgeResources(ActorResources):
     endpoint: EndpointResources = Field(default_factory=EndpointResources)
 
 
-class JudgeSpec(StageSpec, JudgeSettings):
+class JudgeSpec(TurnScoringSpec, JudgeSettings):
     stage_name = "judge"
     resources: JudgeResources = Field(default_factory=JudgeResources)
     cache: CacheSpec = Field(default_factory=CacheSpec)
-
-    def settings(self) -> dict[str, Any]:
-        """Plus what `max_turns` counts when it is set (engine.signals.turns)."""
-        return {**super().settings(), **turn_rule_settings(self.max_turns)}
 
     @model_validator(mode="before")
     @classmethod

@@ -22,14 +22,13 @@ from engine.signals.lm import (
     plan_records,
     record_signals,
 )
-from engine.signals.turns import turn_rule_settings
 from engine.stages.actor_scoring import score_records
 from engine.stages.contract import (
     ActorResources,
     CacheSpec,
     Settings,
     StageContext,
-    StageSpec,
+    TurnScoringSpec,
     model_signal_stage,
 )
 
@@ -78,14 +77,10 @@ class LMResources(ActorResources):
     enforce_eager: bool = Field(default=True, description="vLLM: skip graph compilation")
 
 
-class LMSpec(StageSpec, LMSettings):
+class LMSpec(TurnScoringSpec, LMSettings):
     stage_name = "lm"
     resources: LMResources = Field(default_factory=LMResources)
     cache: CacheSpec = Field(default_factory=CacheSpec)
-
-    def settings(self) -> dict[str, Any]:
-        """Plus what `max_turns` counts when it is set (engine.signals.turns)."""
-        return {**super().settings(), **turn_rule_settings(self.max_turns)}
 
 
 class LMScoringActor:

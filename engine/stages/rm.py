@@ -27,14 +27,13 @@ import pyarrow as pa
 from pydantic import Field
 
 from engine.signals.rm import RM_SCHEMA, plan_pairs, record_columns
-from engine.signals.turns import turn_rule_settings
 from engine.stages.actor_scoring import score_records
 from engine.stages.contract import (
     ActorResources,
     CacheSpec,
     Settings,
     StageContext,
-    StageSpec,
+    TurnScoringSpec,
     model_signal_stage,
 )
 
@@ -73,14 +72,10 @@ class RMResources(ActorResources):
     )
 
 
-class RMSpec(StageSpec, RMSettings):
+class RMSpec(TurnScoringSpec, RMSettings):
     stage_name = "rm"
     resources: RMResources = Field(default_factory=RMResources)
     cache: CacheSpec = Field(default_factory=CacheSpec)
-
-    def settings(self) -> dict[str, Any]:
-        """Plus what `max_turns` counts when it is set (engine.signals.turns)."""
-        return {**super().settings(), **turn_rule_settings(self.max_turns)}
 
 
 class RewardActor:
