@@ -379,6 +379,52 @@ class RaySpec(Strict):
     num_cpus: Annotated[int, Field(ge=1)] | None = None
 
 
+Arm = Literal["selected", "random", "full"]
+
+
+class EvalSpec(Strict):
+    """The evaluation loop run after export: fine-tune the base model on each arm with one
+    recipe (`stages.train`), answer the evaluation prompts (`stages.generate`), and judge each
+    arm's answers against the baseline's in both orders (`stages.judge_pairwise`).
+
+    Arms: `selected` (selected.jsonl), `random` (random_baseline.jsonl: same size, same pool),
+    `full` (every eligible row, as Cherry LLM and AlpaGasus compare); `base` is the untrained
+    base model (answers only)."""
+
+    arms: Annotated[list[Arm], Field(min_length=1)] = Field(
+        default_factory=lambda: ["selected", "random"], description="arms to fine-tune"
+    )
+    baseline: Literal["selected", "random", "full", "base"] = Field(
+        default="random", description="every other arm is judged against this one"
+    )
+    base_model: bool = Field(
+        default=False, description="also answer (and judge) with the untrained base model"
+    )
+
+    @model_validator(mode="after")
+    def _baseline_present(self) -> EvalSpec:
+        if len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"eval.arms: an arm is named twice: {self.arms}")
+        if self.baseline == "base" and not self.base_model:
+            raise ValueError("eval.baseline: base needs eval.base_model: true")
+        if self.baseline != "base" and self.baseline not in self.arms:
+            raise ValueError(f"eval.baseline: {self.baseline!r} is not one of eval.arms")
+        if len(self.answering_arms()) < 2:
+            raise ValueError("eval.arms: at least two arms (or one and base_model) to compare")
+        return self
+
+    def trained_arms(self) -> tuple[str, ...]:
+        return tuple(self.arms)
+
+    def answering_arms(self) -> tuple[str, ...]:
+        """Every arm that answers the evaluation prompts (trained arms, then `base`)."""
+        return (*self.arms, *(("base",) if self.base_model else ()))
+
+    def judged_pairs(self) -> tuple[tuple[str, str], ...]:
+        """(arm, baseline) for every answering arm other than the baseline."""
+        return tuple((a, self.baseline) for a in self.answering_arms() if a != self.baseline)
+
+
 def _stages_model() -> type[BaseModel]:
     """`stages:`: one block per configured stage, each declared by its stage (the registry)."""
     fields: dict[str, Any] = {s.name: (s.spec, Field(default_factory=s.spec)) for s in CONFIGURED}
@@ -440,6 +486,9 @@ class JobSpec(Strict):
     spark: SparkSpec = Field(default_factory=SparkSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
     stages: StagesSpec = Field(default_factory=StagesSpec)  # type: ignore[valid-type]
+    eval: EvalSpec | None = Field(
+        default=None, description="fine-tune and evaluate the selection (engine.evaluation)"
+    )
 
     @model_validator(mode="before")
     @classmethod

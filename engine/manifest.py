@@ -128,6 +128,8 @@ class Manifest(_Fixed):
     signals: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per signal stage
     selection: dict[str, Any] = Field(default_factory=dict)
     export: dict[str, Any] = Field(default_factory=dict)
+    # The `eval:` block's stages (train, generate, judge_pairwise): what each one reported.
+    evaluation: dict[str, dict[str, Any]] | None = None
     outputs: Outputs
     stages: list[StageRecord] = Field(default_factory=list)  # absent in older manifests
     logs: str | None = None  # the run's logs folder

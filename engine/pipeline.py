@@ -193,7 +193,7 @@ class JobRunner:
         return marker
 
     def _finish(self, started: str, command: str | None) -> Manifest:
-        from engine.stages.registry import signal_stages
+        from engine.stages.registry import eval_stages, signal_stages
         from engine.stages.report import run_report
 
         ingest, selection = self.infos["ingest"], self.infos["select"]
@@ -226,6 +226,8 @@ class JobRunner:
             signals={s.name: self.infos.get(s.name) or {} for s in signal_stages(self.job)},
             selection=selection,
             export=self.infos["export"],
+            evaluation={s.name: self.infos.get(s.name) or {} for s in eval_stages(self.job)}
+            or None,
             outputs={
                 "selected": str(run.selected),
                 "random_baseline": str(run.random_baseline),

@@ -97,6 +97,11 @@ class RunDir:
         """Spark's, Ray's and the model libraries' logs (the console shows progress only)."""
         return self.root / "logs"
 
+    @property
+    def evaluation(self) -> Path:
+        """The `eval:` stages' outputs: models/, train/, answers/, judgements/, results.json."""
+        return self.root / "eval"
+
     def signal(self, name: str) -> Path:
         return self.root / "signals" / name
 

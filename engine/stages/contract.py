@@ -191,9 +191,12 @@ class Stage:
     model_of: Callable[[Any], str] | None = None  # the model named in its block
     cache_keys: Callable[[JobSpec], dict[str, str]] | None = None  # default: one cache
     check: Callable[[JobSpec], str | None] | None = None  # a config error ("path: why"), if any
+    when: Callable[[JobSpec], bool] | None = None  # runs only if true (e.g. an `eval:` block)
     description: str = ""
 
     def enabled(self, job: JobSpec) -> bool:
+        if self.when is not None and not self.when(job):
+            return False
         if self.signal is None:
             return True
         return any(s == self.signal or s.startswith(f"{self.signal}.") for s in job.signals)

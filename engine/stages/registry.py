@@ -6,7 +6,8 @@ produces is refused before any work starts. Adding a stage is one module that de
 `STAGE` (engine.stages.contract.Stage) and one line here.
 
 Order: ingest first; Spark signal stages next, so one Spark session serves ingest and them; then
-the Ray actor-pool stages; select and export last.
+the Ray actor-pool stages; select and export; then, for a job with an `eval:` block, the
+evaluation loop (train each arm, generate answers, judge them pairwise).
 """
 
 from __future__ import annotations
@@ -16,7 +17,21 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from engine.signals.judge_schema import BUILTIN_JUDGES, DEITA_PAIR, judge_schema
-from engine.stages import embed, export, ingest, judge, lang, lm, minhash, rm, select, tokens
+from engine.stages import (
+    embed,
+    export,
+    generate,
+    ingest,
+    judge,
+    judge_pairwise,
+    lang,
+    lm,
+    minhash,
+    rm,
+    select,
+    tokens,
+    train,
+)
 from engine.stages.contract import Stage
 
 if TYPE_CHECKING:
@@ -33,6 +48,9 @@ STAGES: tuple[Stage, ...] = (
     rm.STAGE,
     select.STAGE,
     export.STAGE,
+    train.STAGE,
+    generate.STAGE,
+    judge_pairwise.STAGE,
 )
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 # Stages with a block under `stages:` in the job spec.
@@ -51,6 +69,12 @@ def stage(name: str) -> Stage:
 def enabled_stages(job: JobSpec) -> list[Stage]:
     """The stages this job runs, in order."""
     return [s for s in STAGES if s.enabled(job)]
+
+
+def eval_stages(job: JobSpec) -> list[Stage]:
+    """The enabled evaluation stages (after export), in order."""
+    names = (train.STAGE.name, generate.STAGE.name, judge_pairwise.STAGE.name)
+    return [s for s in STAGES if s.name in names and s.enabled(job)]
 
 
 def signal_stages(job: JobSpec) -> list[Stage]:
