@@ -9,6 +9,7 @@ never see half a file, and a crash loses only that run's additions.
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
@@ -43,9 +44,17 @@ class ScoreCache:
         if not files or not ids:
             return self.schema.empty_table()
         wanted = pa.array(ids, pa.string())
-        table = ds.dataset(files, schema=self.schema, format="parquet").to_table(
-            filter=pc.field("id").isin(wanted)
-        )
+        try:
+            table = ds.dataset(files, schema=self.schema, format="parquet").to_table(
+                filter=pc.field("id").isin(wanted)
+            )
+        except FileNotFoundError:
+            # `winnow cache compact` merged and removed a file after we listed it: the merged
+            # file holds its rows, so list again (engine.cache_admin).
+            return self.lookup(ids)
+        # Reads count as use for `winnow cache gc --older-than`: the folder's mtime is its
+        # last use (adding a file sets it too).
+        os.utime(self.folder)
         if table.num_rows == 0:
             return table
         # Two runs may have scored the same id concurrently: keep one row per id.

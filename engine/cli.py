@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, TypeVar, get_args
 
 import typer
 import yaml
@@ -19,8 +19,11 @@ from engine.stages.contract import ConfigDeprecationWarning
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
 
+T = TypeVar("T")
+
 EXIT_CONFIG = 2
 EXIT_INPUT = 3
+EXIT_LOCKED = 4  # another run holds the run directory (engine.runtime.lock)
 
 
 def parse_budget(text: str | None) -> int | float | None:
@@ -41,10 +44,10 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _read_job(read: Callable[[], JobSpec]) -> JobSpec:
-    """`read()` (load_job or parse_job), printing each ConfigDeprecationWarning it raises as a
-    yellow "deprecated:" line before any work starts (even when the spec is then refused);
-    any other warning is re-issued as usual."""
+def _read_job(read: Callable[[], T]) -> T:
+    """`read()` (load_job, parse_job, or anything built from job specs), printing each
+    ConfigDeprecationWarning it raises as a yellow "deprecated:" line before any work starts
+    (even when the spec is then refused); any other warning is re-issued as usual."""
     caught: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -71,6 +74,7 @@ VerboseOption = Annotated[
 
 def _execute(job: JobSpec, out: str | None, force: bool, verbose: bool = False) -> None:
     from engine.pipeline import JobRunner, python_command
+    from engine.runtime.lock import LockHeld
     from engine.stages.actor_scoring import PlacementError
     from engine.stages.ingest import EmptyInputError
 
@@ -84,6 +88,8 @@ def _execute(job: JobSpec, out: str | None, force: bool, verbose: bool = False) 
         _fail(str(exc), EXIT_INPUT)
     except PlacementError as exc:
         _fail(str(exc), EXIT_CONFIG)
+    except LockHeld as exc:
+        _fail(str(exc), EXIT_LOCKED)
     counts = manifest.counts
     console.print(
         f"[bold green]done:[/] {counts.input} input rows → {counts.selected} selected, "
@@ -198,3 +204,114 @@ def validate(job_file: Annotated[Path, typer.Argument(help="job spec YAML")]) ->
         f"[green]ok:[/] {job_file}: inputs {inputs}; signals indicators"
         f"{''.join(',' + s for s in job.signals)}; preset {job.select.preset}"
     )
+
+
+@app.command("train-eval")
+def train_eval(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory (has manifest.json)")],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="YAML with `eval:` and/or `stages:` blocks (train, generate, judge_pairwise) "
+            "merged into the run's job; default: `eval: {}` with default stages",
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="redo the evaluation stages")] = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Fine-tune on a run's selection and on its random baseline, answer the evaluation
+    prompts, judge the answers pairwise; the run's report gains an Evaluation section."""
+    from engine.evaluation.jobs import EvalJobError, eval_job_for_run
+
+    try:
+        extra = yaml.safe_load(config.read_text(encoding="utf-8")) or {} if config else {}
+        job = _read_job(lambda: eval_job_for_run(run_dir, extra))
+    except (ConfigError, EvalJobError) as exc:
+        _fail(f"invalid evaluation config:\n{exc}", EXIT_CONFIG)
+    except (OSError, yaml.YAMLError) as exc:
+        _fail(f"cannot read {config}: {exc}", EXIT_CONFIG)
+    if force:
+        from engine.pipeline import JobRunner
+
+        runner = JobRunner(job, run_dir, console, verbose=verbose)
+        for name in ("train", "generate", "judge_pairwise"):
+            runner.run.clear(name)
+    _execute(job, str(run_dir), False, verbose)
+
+
+@app.command()
+def compare(
+    job_file: Annotated[Path, typer.Argument(help="job spec YAML: inputs, budget, eval stages")],
+    presets: Annotated[
+        str,
+        typer.Option(
+            "--presets", help="comma-separated presets, e.g. longest,ifd,alpagasus (+ random)"
+        ),
+    ],
+    out: Annotated[str | None, typer.Option("--out", help="overrides `out:`")] = None,
+    budget: Annotated[
+        str | None, typer.Option("--budget", help="rows (500) or fraction (0.1)")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="redo every step")] = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Run several presets on the same pool and budget, fine-tune and evaluate each selection
+    with one recipe, and judge each against random: compare.json and compare.html."""
+    from engine.evaluation.compare import CompareError, plan_compare, run_compare
+
+    try:
+        data = yaml.safe_load(job_file.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{job_file}: a job spec is a mapping of keys")
+        if budget is not None:
+            data["select"] = {**(data.get("select") or {}), "budget": parse_budget(budget)}
+        target = out or data.get("out")
+        if target is None:
+            raise ConfigError("no output directory: pass --out DIR or set `out:` in the job spec")
+        plan = _read_job(lambda: plan_compare(data, presets.split(","), target))
+    except (ConfigError, CompareError) as exc:
+        _fail(f"invalid compare request:\n{exc}", EXIT_CONFIG)
+    except (OSError, yaml.YAMLError) as exc:
+        _fail(f"cannot read {job_file}: {exc}", EXIT_CONFIG)
+    try:
+        result = run_compare(plan, console, verbose=verbose, force=force)
+    except SourceError as exc:
+        _fail(str(exc), EXIT_INPUT)
+    for name, method in result["methods"].items():
+        rate = method.get("winning_rate")
+        if rate is None:
+            console.print(f"  {name}: baseline ({method['rows']} rows)")
+            continue
+        low, high = rate.get("interval") or (None, None)
+        pooled = rate["pooled"]
+        counts = f"{pooled['wins']}/{pooled['ties']}/{pooled['losses']} W/T/L"
+        if pooled.get("unparsed"):
+            counts += f", {pooled['unparsed']} unparsed"
+        shown = "n/a" if pooled.get("rate") is None else f"{pooled['rate']:.3f}"
+        if low is not None and high is not None:
+            shown += f" [{low:.3f}, {high:.3f}]"
+        console.print(
+            f"  {name}: winning rate vs {result['baseline']} {shown} ({counts}; "
+            f"{method['rows']} rows)"
+        )
+    page = Path(plan.out) / "compare.html"
+    console.print(f"compare: [bold]{escape(str(page))}[/]")
+    print(page)
+
+
+from engine.cli_cache import register as _register_cache  # noqa: E402
+
+_register_cache(app)
+
+from engine.cli_refresh import register as _register_refresh  # noqa: E402
+
+_register_refresh(app)
+
+from engine.cli_cluster import register as _register_cluster  # noqa: E402
+
+_register_cluster(app)
+
+from engine.cli_k8s import register as _register_k8s  # noqa: E402
+
+_register_k8s(app)

@@ -135,13 +135,18 @@ class JobRunner:
         return planned
 
     def execute(self, force: bool = False, command: str | None = None) -> Manifest:
-        started = datetime.now(UTC).isoformat(timespec="seconds")
-        self._check_placement()
-        configure_logging(self.run.logs, self.verbose)
-        with StageProgress(self.console, enabled=not self.verbose) as progress:
-            for planned in self.plan(force):
-                self.infos[planned.stage.name] = self._run_stage(planned, progress)
-        return self._finish(started, command)
+        from engine.runtime.lock import run_lock
+
+        # One writer per run directory (engine.runtime.lock): a second run is refused with
+        # the holder named; a dead holder's lock is taken over and named in the log.
+        with run_lock(self.run.root, command, self.log):
+            started = datetime.now(UTC).isoformat(timespec="seconds")
+            self._check_placement()
+            configure_logging(self.run.logs, self.verbose)
+            with StageProgress(self.console, enabled=not self.verbose) as progress:
+                for planned in self.plan(force):
+                    self.infos[planned.stage.name] = self._run_stage(planned, progress)
+            return self._finish(started, command)
 
     def _run_stage(self, planned: PlannedStage, progress: StageProgress) -> dict[str, Any]:
         """Run one stage (or take its marker); records what happened for the manifest."""

@@ -349,3 +349,31 @@ def test_screenshot_is_a_full_page_png(loaded: Loaded) -> None:
     assert data[12:16] == b"IHDR"
     assert struct.unpack(">II", data[16:24]) == WINDOW
     assert len(data) > 100_000  # cards, tables and plots, not a blank page
+
+
+def test_evaluation_and_compare_pages_load_cleanly(tmp_path: Path) -> None:
+    """A report with an Evaluation section, and compare.html: one load each, no console message
+    (the control page shows the browser log does report them), no script, plots as data URIs."""
+    from engine.evaluation.compare_table import build_compare, render_compare_html
+    from tests.test_report_evaluation import _methods, eval_manifest, write_eval
+
+    control = tmp_path / "control.html"
+    control.write_text("<!DOCTYPE html><title>c</title><script>nope()</script>", encoding="utf-8")
+    logging = ("--dump-dom", "--enable-logging=stderr", "--v=0")
+    assert ":CONSOLE" in _chromium(tmp_path, control.as_uri(), *logging).stderr.decode()
+    run = write_eval(tmp_path / "run")
+    pages = {
+        "evaluation": render_report(None, eval_manifest(run)),
+        "methods": render_compare_html(build_compare(_methods(tmp_path / "cmp"), "random")),
+    }
+    for section, text in pages.items():
+        page = tmp_path / f"{section}.html"
+        page.write_text(text, encoding="utf-8")
+        done = _chromium(tmp_path, page.as_uri(), *logging)
+        assert ":CONSOLE" not in done.stderr.decode("utf-8", "replace"), section
+        root, comments = _parse(done.stdout.decode("utf-8"))
+        assert not root.find_all("script") and not comments
+        assert root.by_id(section).tag == "section"
+        images = root.find_all("img")
+        assert len(images) == 2
+        assert all((i.attr("src") or "").startswith("data:image/png;base64,") for i in images)

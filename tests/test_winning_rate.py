@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from engine.evaluation import (
     Outcome,
     WinningRate,
+    alpacaeval_rate,
     bootstrap_interval,
+    fastchat_rate,
     outcome,
     winning_rate,
     winning_rates_by_set,
@@ -127,3 +129,73 @@ def test_bootstrap_interval_brackets_the_rate_and_is_seeded() -> None:
 def test_winning_rate_as_dict_round_trips() -> None:
     result = WinningRate(2, 1, 1, 3)
     assert result.as_dict() == {"wins": 2, "ties": 1, "losses": 1, "unparsed": 3, "rate": 1.25}
+
+
+# FastChat's and AlpacaEval's rates over the same judgements.
+
+
+@pytest.mark.parametrize(
+    ("first", "swapped", "expected"),
+    [
+        (WIN, WIN, "win"),
+        (LOSE, LOSE, "loss"),
+        # FastChat: a tie in the first game, or two games that disagree, is a tie.
+        (WIN, TIE, "tie"),
+        (TIE, WIN, "tie"),
+        (WIN, LOSE, "tie"),
+        (LOSE, WIN, "tie"),
+        (TIE, TIE, "tie"),
+        (LOSE, TIE, "tie"),
+        (TIE, LOSE, "tie"),
+    ],
+)
+def test_fastchat_rule_table(first, swapped, expected) -> None:
+    result = fastchat_rate([(*first, *swapped)])
+    counts = {"win": result.wins, "tie": result.ties, "loss": result.losses}
+    assert counts == {k: int(k == expected) for k in counts}
+
+
+def test_hand_worked_fastchat_and_alpacaeval_rates() -> None:
+    judgements = [
+        (*WIN, *WIN),  # FastChat win;  AlpacaEval win, win
+        (*WIN, *TIE),  # FastChat tie;  AlpacaEval win, tie
+        (*TIE, *TIE),  # FastChat tie;  AlpacaEval tie, tie
+        (*LOSE, *LOSE),  # FastChat loss; AlpacaEval loss, loss
+        (None, 3, *WIN),  # FastChat drops the prompt; AlpacaEval drops one annotation: win
+    ]
+    fc = fastchat_rate(judgements)
+    assert (fc.wins, fc.ties, fc.losses, fc.unparsed) == (1, 2, 1, 1)
+    assert fc.win_rate == pytest.approx(1 / 4)
+    assert fc.rate == pytest.approx((1 + 2 / 2) / 4)  # FastChat's win_rate_adjusted
+    ae = alpacaeval_rate(judgements)
+    assert (ae.wins, ae.ties, ae.losses, ae.unparsed) == (4, 3, 2, 1)
+    assert ae.rate == pytest.approx((4 + 3 / 2) / 9)
+    values = [1.0] * 4 + [0.5] * 3 + [0.0] * 2  # preference - 1, as AlpacaEval averages it
+    mean = sum(values) / 9
+    sem = math.sqrt(sum((v - mean) ** 2 for v in values) / 8) / 3
+    assert ae.standard_error == pytest.approx(sem)
+    assert fc.as_dict()["rate"] == fc.rate and ae.as_dict()["standard_error"] == sem
+    assert math.isnan(fastchat_rate([]).rate) and math.isnan(alpacaeval_rate([(None,) * 4]).rate)
+    assert math.isnan(alpacaeval_rate([(*WIN, None, 1)]).standard_error)  # one annotation
+
+
+@given(judgements)
+def test_fastchat_and_alpacaeval_mirror_and_count_everything(js: list) -> None:
+    fc, fc_back = fastchat_rate(js), fastchat_rate([_mirror(j) for j in js])
+    ae, ae_back = alpacaeval_rate(js), alpacaeval_rate([_mirror(j) for j in js])
+    assert fc.judged + fc.unparsed == len(js)
+    assert ae.judged + ae.unparsed == 2 * len(js)
+    for forward, backward in ((fc, fc_back), (ae, ae_back)):
+        assert (backward.wins, backward.ties, backward.losses, backward.unparsed) == (
+            forward.losses,
+            forward.ties,
+            forward.wins,
+            forward.unparsed,
+        )
+        if forward.judged:
+            assert 0 <= forward.rate <= 1
+            assert backward.rate == pytest.approx(1 - forward.rate)
+    # A prompt FastChat can read is one the papers' rule can read, and vice versa.
+    assert fc.unparsed == winning_rate(js).unparsed
+    # FastChat never counts more wins than the papers' rule (win + tie is a tie there).
+    assert fc.wins <= winning_rate(js).wins

@@ -166,8 +166,9 @@ def generator(
     num_threads: int | None,
     use_gpu: bool,
 ) -> Generator:
-    """The generator named `backend`: greedy replies of up to `max_new_tokens` tokens to chat
-    prompts of up to `max_length` tokens (longer prompts get "")."""
+    """The generator named `backend`: greedy replies of up to `max_new_tokens` tokens to
+    prompts (chat messages or `RawPrompt`s) of up to `max_length` tokens (longer prompts get
+    "")."""
     return _chat_model(
         "generator",
         backend,

@@ -5,12 +5,12 @@ them):
   TokenScorer    per-token NLL of the scored positions (LM scoring: perplexity, IFD)
   JudgeBackend   judge replies with score-token log-probabilities (LLM judges)
   Embedder       L2-normalised float32 sentence embeddings
-  Generator      greedy replies to chat prompts (evaluation)
+  Generator      greedy replies to chat prompts or raw strings (evaluation)
 
 Scorers never tokenize or template: `engine.signals.lm` builds the token-id sequences, so every
 scorer scores exactly the same tokens and their numbers can be compared one to one. Judges and
 generators take chat message lists and render them with the model's chat template
-(`engine.backends.chat`); judges also take `RawPrompt`s, strings fed without a template.
+(`engine.backends.chat`); both also take `RawPrompt`s, strings fed without a template.
 
 `Closable` is the base class of every backend: `close()` is idempotent and runs the backend's
 `_release()` hook once; a closed backend raises `RuntimeError("the <name> backend is closed")`
@@ -87,9 +87,11 @@ class TokenScorer(Protocol):
 class RawPrompt:
     """A prompt that is one string, fed to the model without any chat template: the backend
     tokenises it with `tokenizer.encode(text)` (the tokenizer's own special tokens, e.g. Llama's
-    BOS), as DEITA's scorers do with the template they were fine-tuned on."""
+    BOS), as DEITA's scorers do with the template they were fine-tuned on. `special_tokens`
+    False: none added (the evaluation arms' prompts, tokenised as they were trained on)."""
 
     text: str
+    special_tokens: bool = True
 
 
 # A judge or generator prompt: chat messages (rendered with the model's chat template) or a raw
@@ -143,12 +145,17 @@ class Embedder(Protocol):
 
 class Generator(Protocol):
     """Holds one chat model: the greedy reply (temperature 0, up to the backend's
-    `max_new_tokens`, stopping at EOS, special tokens removed) to each chat prompt, in order.
-    A prompt longer than the backend's `max_length` tokens gets the empty string."""
+    `max_new_tokens`, stopping at EOS, special tokens removed) to each prompt (chat messages,
+    or a `RawPrompt` such as an Alpaca-template string), in order. A prompt longer than the
+    backend's `max_length` tokens gets the empty string. `generate_counted` also gives each
+    reply's generated token count (a final EOS not counted): the answer length the evaluation
+    reports."""
 
     name: str
 
-    def generate(self, prompts: Sequence[list[dict[str, str]]]) -> list[str]: ...
+    def generate(self, prompts: Sequence[Prompt]) -> list[str]: ...
+
+    def generate_counted(self, prompts: Sequence[Prompt]) -> list[tuple[str, int]]: ...
 
     def close(self) -> None: ...
 

@@ -39,8 +39,10 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 def render_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
     """Token ids of a prompt: chat messages through the chat template (`render_chat`), a
     `RawPrompt` through `tokenizer.encode` with the tokenizer's own special tokens, as DEITA's
-    scorer code calls it."""
+    scorer code calls it (none when its `special_tokens` is False)."""
     if isinstance(prompt, RawPrompt):
+        if not prompt.special_tokens:
+            return [int(i) for i in tokenizer.encode(prompt.text, add_special_tokens=False)]
         return [int(i) for i in tokenizer.encode(prompt.text)]
     return render_chat(tokenizer, prompt)
 
@@ -180,8 +182,14 @@ class TransformersChatModel(hf.TransformersBackend):
         scores, then (when `generate`) up to `max_new_tokens - 1` more, a row stopping after its
         first EOS."""
         ids, mask, positions = hf.left_padded(sequences, self.pad_id, self.device)
+        # Only the last position's logits are read: `logits_to_keep=1` skips the LM head (a
+        # vocabulary-wide matmul, and batch x length x vocabulary floats) everywhere else.
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=generate
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=generate,
+            logits_to_keep=1,
         )
         last = scores(out.logits[:, -1].float())
         first = last.argmax(-1)

@@ -1,7 +1,8 @@
-"""transformers generator: greedy replies to chat prompts, batched.
+"""transformers generator: greedy replies to chat prompts (or raw strings), batched.
 
 `TransformersGenerator.generate` renders each chat prompt with the tokenizer's chat template
-(`add_generation_prompt=True`, `engine.backends.chat`), sorts the prompts by length and runs
+(`add_generation_prompt=True`, `engine.backends.chat`; a `RawPrompt`, e.g. an Alpaca-template
+string, is tokenised with `tokenizer.encode` and no template), sorts the prompts by length and runs
 batches of at most `max_batch_prompts` prompts, left-padded with explicit position ids (a padded
 prompt gets the same positions as alone, so batched replies equal one-by-one replies up to float
 rounding), then decodes greedily (argmax, i.e. temperature 0) with the KV cache, up to
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from engine.backends.base import Prompt
 from engine.backends.chat import TransformersChatModel
 
 log = logging.getLogger(__name__)
@@ -44,11 +46,19 @@ class TransformersGenerator(TransformersChatModel):
         super().__init__(model_path, dtype, trust_remote_code, num_threads, use_gpu)
         log.info("transformers generator: %s on %s, %s", model_path, self.device, self.dtype)
 
-    def generate(self, prompts: Sequence[list[dict[str, str]]]) -> list[str]:
+    def generate(self, prompts: Sequence[Prompt]) -> list[str]:
         """The greedy reply to each prompt, in order ("" for a prompt over `max_length`)."""
         return [self._decode(ids) for ids in self.generate_token_ids(prompts)]
 
-    def generate_token_ids(self, prompts: Sequence[list[dict[str, str]]]) -> list[list[int]]:
+    def generate_counted(self, prompts: Sequence[Prompt]) -> list[tuple[str, int]]:
+        """Each greedy reply with its generated token count, EOS not counted (0 for a prompt
+        over `max_length`)."""
+        return [
+            (self._decode(ids), sum(t not in self.eos_ids for t in ids))
+            for ids in self.generate_token_ids(prompts)
+        ]
+
+    def generate_token_ids(self, prompts: Sequence[Prompt]) -> list[list[int]]:
         """The generated token ids of each prompt (a final EOS included), in order; [] for a
         prompt over `max_length`."""
         self._check_open()

@@ -1,7 +1,8 @@
 """vLLM generator: greedy replies to chat prompts, every prompt in one `LLM.generate` call.
 
 Prompts are rendered into token ids with the tokenizer's chat template (`add_generation_prompt`,
-`engine.backends.chat`, as the transformers generator does) and submitted with
+`engine.backends.chat`, as the transformers generator does; a `RawPrompt` with
+`tokenizer.encode` and no template) and submitted with
 `SamplingParams(temperature=0, max_tokens=max_new_tokens)`: greedy decoding that stops at the
 model's EOS (vLLM takes the tokenizer's and the generation config's); the reply is vLLM's
 detokenized text without special tokens. A prompt longer than `max_length` tokens is not
@@ -15,6 +16,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from engine.backends.base import Prompt
 from engine.backends.chat import VllmChatModel
 
 log = logging.getLogger(__name__)
@@ -50,18 +52,33 @@ class VllmGenerator(VllmChatModel):
             temperature=0.0, max_tokens=self.max_new_tokens, skip_special_tokens=True
         )
 
-    def generate(self, prompts: Sequence[list[dict[str, str]]]) -> list[str]:
+    def generate(self, prompts: Sequence[Prompt]) -> list[str]:
         """The greedy reply to each prompt, in order ("" for a prompt over `max_length`)."""
-        return [text for text, _ in self._run(prompts)]
+        return [text for text, _, _ in self._run(prompts)]
 
-    def generate_token_ids(self, prompts: Sequence[list[dict[str, str]]]) -> list[list[int]]:
+    def generate_counted(self, prompts: Sequence[Prompt]) -> list[tuple[str, int]]:
+        """Each greedy reply with its generated token count, the final EOS (or generation-config
+        stop token) not counted, as the transformers generator counts; 0 for a prompt over
+        `max_length`."""
+        return [(text, len(ids) - stopped) for text, ids, stopped in self._run(prompts)]
+
+    def generate_token_ids(self, prompts: Sequence[Prompt]) -> list[list[int]]:
         """The generated token ids of each prompt (a final EOS included), in order; [] for a
         prompt over `max_length`."""
-        return [ids for _, ids in self._run(prompts)]
+        return [ids for _, ids, _ in self._run(prompts)]
 
-    def _run(self, prompts: Sequence[list[dict[str, str]]]) -> list[tuple[str, list[int]]]:
+    def _run(self, prompts: Sequence[Prompt]) -> list[tuple[str, list[int], int]]:
+        """(text, token ids, 1 when the last id is the EOS or stop token that ended it)."""
         self._check_open()
-        replies: list[tuple[str, list[int]]] = [("", []) for _ in prompts]
+        replies: list[tuple[str, list[int], int]] = [("", [], 0) for _ in prompts]
         for i, completion in self._completions(prompts, self._params).items():
-            replies[i] = (completion.text, [int(t) for t in completion.token_ids])
+            ids = [int(t) for t in completion.token_ids]
+            # vLLM keeps the EOS / stop token id it stopped on (stop_reason None or that id);
+            # a stop string (str) is not a token of its own. No stop strings are set here.
+            stopped = int(
+                bool(ids)
+                and completion.finish_reason == "stop"
+                and not isinstance(completion.stop_reason, str)
+            )
+            replies[i] = (completion.text, ids, stopped)
         return replies

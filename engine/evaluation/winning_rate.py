@@ -162,3 +162,148 @@ def bootstrap_interval(
     tail = (1 - level) / 2
     low, high = np.quantile(rates, [tail, 1 - tail])
     return float(low), float(high)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rates other papers report, over the same two-order judgements (shown beside the winning
+# rate; the winning rate above is the one the selection papers compare).
+
+
+def _verdict(first: float | None, second: float | None) -> str | None:
+    """Who one judge call preferred: "model_1", "model_2", "tie", or None (unreadable)."""
+    if _missing(first) or _missing(second):
+        return None
+    a, b = float(first), float(second)  # type: ignore[arg-type]
+    if a > b:
+        return "model_1"
+    if a < b:
+        return "model_2"
+    return "tie"
+
+
+@dataclass(frozen=True)
+class FastChatRate:
+    """FastChat's pairwise result for model 1 (lm-sys/FastChat `fastchat/llm_judge/
+    show_result.py`, `display_result_pairwise`): per prompt one win, tie or loss; a prompt with
+    an unreadable verdict in either order ("error") is dropped (counted here as `unparsed`).
+
+    `win_rate` = wins / judged; `rate` = FastChat's `win_rate_adjusted` = (wins + ties / 2) /
+    judged, in [0, 1] (0.5 means "as good")."""
+
+    wins: int
+    ties: int
+    losses: int
+    unparsed: int = 0
+
+    @property
+    def judged(self) -> int:
+        return self.wins + self.ties + self.losses
+
+    @property
+    def win_rate(self) -> float:
+        return self.wins / self.judged if self.judged else math.nan
+
+    @property
+    def rate(self) -> float:
+        return (self.wins + 0.5 * self.ties) / self.judged if self.judged else math.nan
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "wins": self.wins,
+            "ties": self.ties,
+            "losses": self.losses,
+            "unparsed": self.unparsed,
+            "win_rate": self.win_rate,
+            "rate": self.rate,
+        }
+
+
+def fastchat_rate(judgements: Iterable[Judgement]) -> FastChatRate:
+    """Model 1's FastChat counts over two-order judgements.
+
+    FastChat's rule (`display_result_pairwise`): a prompt is a tie when the first game is a
+    tie or the two games disagree (`g1_winner == "tie" or g1_winner != g2_winner`), else the
+    consistent winner wins. Differences from the selection papers' rule (`outcome`): a win in
+    one order and a tie in the other is a tie here (a win there); win + loss is a tie in both.
+    FastChat's verdicts are [[A]]/[[B]]/[[C]]; scored judgements (Cherry's two scores) are
+    read as a verdict per order by which score is higher (equal: tie)."""
+    wins = ties = losses = unparsed = 0
+    for s1, s2, s1_swapped, s2_swapped in judgements:
+        g1, g2 = _verdict(s1, s2), _verdict(s1_swapped, s2_swapped)
+        if g1 is None or g2 is None:
+            unparsed += 1
+        elif g1 == "tie" or g1 != g2:
+            ties += 1
+        elif g1 == "model_1":
+            wins += 1
+        else:
+            losses += 1
+    return FastChatRate(wins, ties, losses, unparsed)
+
+
+@dataclass(frozen=True)
+class AlpacaEvalRate:
+    """AlpacaEval's head-to-head win rate of model 1 (tatsu-lab/alpaca_eval `src/alpaca_eval/
+    metrics/winrate.py` `get_winrate` -> `metrics/helpers.py` `describe_head2head`): every
+    judge call is one annotation, preference 2 (model 1 preferred), 1 (model 2) or 1.5 (draw);
+    annotations that are not a preference are dropped (here `unparsed`).
+
+    `rate` = mean(preference - 1) = (wins + ties / 2) / judged, in [0, 1] (AlpacaEval prints
+    it x 100); `standard_error` is the sample standard error of that mean (pandas `sem`, ddof
+    1), NaN below two annotations. The counts are of annotations (two per prompt), not prompts."""
+
+    wins: int
+    ties: int
+    losses: int
+    unparsed: int = 0
+
+    @property
+    def judged(self) -> int:
+        return self.wins + self.ties + self.losses
+
+    @property
+    def rate(self) -> float:
+        return (self.wins + 0.5 * self.ties) / self.judged if self.judged else math.nan
+
+    @property
+    def standard_error(self) -> float:
+        n = self.judged
+        if n < 2:
+            return math.nan
+        mean = self.rate
+        squares = (
+            self.wins * (1 - mean) ** 2 + self.ties * (0.5 - mean) ** 2 + self.losses * mean**2
+        )
+        return math.sqrt(squares / (n - 1)) / math.sqrt(n)
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "wins": self.wins,
+            "ties": self.ties,
+            "losses": self.losses,
+            "unparsed": self.unparsed,
+            "rate": self.rate,
+            "standard_error": self.standard_error,
+        }
+
+
+def alpacaeval_rate(judgements: Iterable[Judgement]) -> AlpacaEvalRate:
+    """Model 1's AlpacaEval win rate over two-order judgements.
+
+    AlpacaEval judges each pair once, in a random order, and averages the preferences; here
+    both orders are annotations of their own (a consistent judge gives the same verdict twice,
+    a position-biased one splits its vote). Differences from the selection papers' rule: no
+    per-prompt combination of the two orders (win + tie is 1.5 wins of 2, not one win), and an
+    unreadable order drops that annotation only, not the prompt."""
+    wins = ties = losses = unparsed = 0
+    for s1, s2, s1_swapped, s2_swapped in judgements:
+        for verdict in (_verdict(s1, s2), _verdict(s1_swapped, s2_swapped)):
+            if verdict is None:
+                unparsed += 1
+            elif verdict == "model_1":
+                wins += 1
+            elif verdict == "model_2":
+                losses += 1
+            else:
+                ties += 1
+    return AlpacaEvalRate(wins, ties, losses, unparsed)

@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import jinja2
 import pandas as pd
 
 from engine.manifest import Manifest
+from engine.refresh import report_section as changes_section
+from engine.report import evaluation as eval_section
 from engine.report import examples as example_rows
 from engine.report import plots, summary, tables
 from engine.report.format import fmt_cell, fmt_int, fmt_seconds, is_numeric, visible
@@ -60,11 +63,13 @@ def render_report(
     scores: pd.DataFrame | None,
     manifest: Manifest,
     examples: Mapping[str, list[Mapping[str, Any]]] | None = None,
+    run_root: Path | None = None,
 ) -> str:
     """The run report as one self-contained HTML page (the caller writes it as UTF-8).
 
     `scores` has one row per ingested record (meta columns plus any signal columns); `examples`
     holds a few rows per outcome group ({"kept": [...], "dropped": [...], "quarantined": [...]}).
+    `run_root` (default `manifest.out`) is where the Evaluation section reads `eval/`.
     """
     scores = pd.DataFrame() if scores is None else scores
     selected = tables.bool_mask(scores, "selected")
@@ -87,6 +92,8 @@ def render_report(
         "baseline_rows": baseline,
         "selection": summary.kv_table(manifest.selection) if manifest.selection else None,
         "sampling": summary.kv_table(manifest.sampling.model_dump()) if manifest.sampling else None,
+        "evaluation": eval_section.section(manifest, run_root),
+        "changes": changes_section(run_root or manifest.out),  # nightly refresh (engine.refresh)
         "reasons": summary.reasons(manifest.counts),
         "sources": tables.sources_table(scores, selected, manifest),
         "languages": _languages(scores, selected),

@@ -69,6 +69,16 @@ def _rate(per_second: float | None, unit: str) -> str:
     return f"{per_second:,.1f} {unit}/s" if per_second < 100 else f"{per_second:,.0f} {unit}/s"
 
 
+def unit_of(description: str) -> str:
+    """What a sub-step counts, from its description: bytes while framing, optimizer steps while
+    training ("train <arm>"), rows otherwise."""
+    if description.startswith("framing"):
+        return "bytes"
+    if description.startswith("train "):
+        return "steps"
+    return "rows"
+
+
 @dataclass
 class _Stage:
     """What one stage has reported: the current sub-step, and totals over all sub-steps."""
@@ -103,7 +113,7 @@ class _Stage:
     def summary(self) -> tuple[str, str]:
         """The stage's count ("9,000 rows", "3.2 MB") and its rate; empty when it reported none."""
         counts, rate = [], ""
-        for unit in ("rows", "bytes"):
+        for unit in ("rows", "bytes", "steps"):
             amount, seconds = self.done.get(unit, 0), self.busy.get(unit, 0.0)
             if amount:
                 counts.append(_amount(amount, unit))
@@ -246,8 +256,8 @@ class StageProgress:
 
     def factory(self, name: str) -> ProgressFactory:
         """`factory(name)(description, total)` starts a sub-step of stage `name` on its bar and
-        returns `advance(n)`. Totals are rows, or bytes when the description starts with
-        "framing"."""
+        returns `advance(n)`. Totals are rows, bytes when the description starts with
+        "framing", optimizer steps when it starts with "train " (`unit_of`)."""
 
         def progress(description: str, total: int | None) -> Advance:
             with self._lock:
@@ -303,7 +313,7 @@ class StageProgress:
         state.step += 1
         state.settled = False
         state.description = description
-        state.unit = "bytes" if description.startswith("framing") else "rows"
+        state.unit = unit_of(description)
         state.total = total
         state.completed = 0
         state.step_started = now

@@ -119,10 +119,14 @@ def _write_input(records: Path, target: Path, needs: dict[str, list[str]], multi
     return rows
 
 
-def _score_with_ray(
+def stream_actor_pool(
     pool: ActorPool, source: Path, output: Path, rows: int, advance: Callable[[int], None]
 ) -> None:
-    """Stream the input through the actor pool; results land in one Parquet file as they come."""
+    """Stream the Parquet input in `source` (`rows` rows) through the pool's actors; results
+    land in one Parquet file under `output` as they come (in no particular order: key them by a
+    column of the input) and `advance` counts them. Refuses a pool the cluster cannot hold
+    (`check_placement`). `pool.parts` and `pool.caches` do not apply here: the caller owns what
+    goes in and what it does with what comes out (run_actor_pool, the generate stage)."""
     import ray
 
     res = pool.resources
@@ -171,7 +175,7 @@ def run_actor_pool(pool: ActorPool, run: RunDir, progress: Progress) -> PoolResu
     todo = _write_input(run.records, work, needs, multi=len(pool.parts) > 1)
     fresh_dir = RunDir.reset_dir(run.work(f"{pool.name}_scored"))
     if todo:
-        _score_with_ray(pool, work, fresh_dir, todo, advance)
+        stream_actor_pool(pool, work, fresh_dir, todo, advance)
     files = sorted(fresh_dir.glob("*.parquet"))
     fresh = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
 

@@ -35,6 +35,7 @@ class GenerateSettings(Settings):
         default=1024, description="prompt tokens; a longer prompt gets an empty answer"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
 
 
 class GenerateResources(ActorResources):

@@ -10,13 +10,24 @@ answer, second answer, judge fingerprint); an unreadable verdict is counted as u
 as a tie. The work is in engine.evaluation.pairwise; results land in `eval/judgements/` and
 `eval/results.json` (winning rate per set and pooled, its bootstrap interval, FastChat's and
 AlpacaEval's rates beside it).
+
+`scoring: parse` (the default) is the papers' method: the judge writes its reply and the first
+line is parsed. `scoring: expected` is Winnow's extension for small local judges that never
+write a parseable first line (the built-in 135M model does not): with the `cherry` prompt, each
+of the two scores is the probability-weighted mean of the values 1-10 under the judge's
+next-token distribution, Assistant 1's at the first reply position, Assistant 2's after Assistant
+1's most likely score and a space (engine.evaluation.pairwise, `expected_scale_score`). It needs
+the judge's tokenizer (backend transformers or vllm, not openai) and a prompt whose scores lead
+the reply (cherry, not fastchat, whose verdict follows an explanation). The scores are
+continuous, so the winning rate's tie rule (equal scores in an order) almost never fires: a
+smoke-test device for small judges, not the papers' measurement.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from engine.stages.contract import (
     ActorResources,
@@ -46,6 +57,12 @@ class PairwiseJudgeSettings(Settings):
         default=True,
         description="fence the question and answers as data (false: the paper's exact prompt)",
     )
+    scoring: Literal["parse", "expected"] = Field(
+        default="parse",
+        description="parse: generate the review and parse its first line (the papers); "
+        "expected: the two cherry scores as expected values over the judge's next-token "
+        "distributions (Winnow's extension for small local judges; transformers or vllm)",
+    )
     max_new_tokens: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="null: 32 for cherry (scores on the first line), 512 fastchat"
     )
@@ -55,6 +72,24 @@ class PairwiseJudgeSettings(Settings):
     confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
     trust_remote_code: bool = False
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
+
+    @model_validator(mode="after")
+    def _expected_needs_scores_first_and_a_tokenizer(self) -> PairwiseJudgeSettings:
+        if self.scoring != "expected":
+            return self
+        if self.prompt == "fastchat":
+            raise ValueError(
+                "stages.judge_pairwise.scoring: expected reads the two scores that open the "
+                "cherry prompt's reply; fastchat's verdict ([[A]]/[[B]]/[[C]]) comes after an "
+                "explanation the judge must write first: use prompt: cherry, or scoring: parse"
+            )
+        if self.backend == "openai":
+            raise ValueError(
+                "stages.judge_pairwise.scoring: expected feeds the judge raw token prefixes "
+                "through its own tokenizer; the openai backend speaks chat: use backend "
+                "transformers or vllm, or scoring: parse"
+            )
+        return self
 
 
 class PairwiseJudgeResources(ActorResources):

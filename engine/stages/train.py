@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
+from engine.runtime.rundir import fingerprint
 from engine.stages.contract import Resources, Settings, Stage, StageContext, StageSpec, Strict
 
 if TYPE_CHECKING:
@@ -146,6 +147,13 @@ def train_settings(job: JobSpec) -> dict[str, Any]:
         "resolved_seed": block.seed if block.seed is not None else job.seed,
         "arms": list(job.eval.trained_arms()) if job.eval else [],
     }
+
+
+def recipe_fingerprint(job: JobSpec) -> str:
+    """What changes a trained arm besides its rows (which `winnow_train.json` hashes apart): the
+    recipe and the base model, not the list of arms, so adding `full` retrains nothing else."""
+    settings = {k: v for k, v in train_settings(job).items() if k != "arms"}
+    return fingerprint("train-recipe", STAGE.version, STAGE.model_identity(job), settings)
 
 
 def run_train(ctx: StageContext) -> dict[str, Any]:
