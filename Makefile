@@ -39,8 +39,8 @@ chromium:
 demo: install
 	$(BIN)/winnow run jobs/demo.yaml $(if $(FULL),--full,)
 
-# The evaluation loop end to end on 2 CPU cores (about 10 minutes): three presets, each selection
-# fine-tuned, answering 40 prompts, judged against random. A smoke test of the loop, not a claim.
+# The evaluation loop end to end on 2 CPU cores (about 15 minutes): three presets, each selection
+# fine-tuned, answering 25 prompts, judged against random. A smoke test of the loop, not a claim.
 demo-eval: install
 	$(BIN)/winnow compare jobs/demo-eval.yaml --presets longest,ifd
 

@@ -680,3 +680,45 @@ def test_the_builtin_judge_scores_by_expected_value_then_the_cache_answers(
     again = judge("eval2")
     assert again["judging"]["model_calls"] == 0 and again["judging"]["cache_hits"] == 5
     assert again["pairs"] == first["pairs"]
+
+
+@pytest.mark.slow
+def test_two_positions_in_one_pass_equal_two_judge_calls(tokenizer: Any) -> None:
+    """The transformers judge's one-pass read of a score digit and of "0" after "1" gives the
+    expected scores of the two-call path (one judge call per prefix) on real prompts."""
+    from engine.backends import judge_backend
+    from engine.evaluation.pairwise import build_pairwise_prompt, expected_scores
+    from engine.models import resolve_model
+
+    class CallsOnly:
+        """The same backend without the one-pass read: expected_scores takes the two calls."""
+
+        def __init__(self, backend: Any) -> None:
+            self.judge = backend.judge
+
+    backend = judge_backend(
+        "transformers",
+        resolve_model("builtin:smollm2-135m"),
+        dtype="float32",
+        max_length=2048,
+        max_new_tokens=1,
+        max_batch_prompts=4,
+        trust_remote_code=False,
+        enforce_eager=True,
+        num_threads=None,
+        use_gpu=False,
+    )
+    with backend:
+        conversations = [
+            build_pairwise_prompt("cherry", q, a, b, fenced=True, max_length=2048)
+            for q, a, b in [
+                ("Name a primary colour.", "Red.", "I like turtles."),
+                ("What is 2 + 2?", "4", "It is four, because two and two make four."),
+            ]
+        ]
+        fast = expected_scores(backend, tokenizer, conversations, ten_single=False)
+        slow = expected_scores(CallsOnly(backend), tokenizer, conversations, ten_single=False)
+    for one, other in zip(fast, slow, strict=True):
+        for a, b in zip(one, other, strict=True):
+            assert a is not None and b is not None
+            assert a[1] == b[1] and a[0] == pytest.approx(b[0], abs=1e-4)

@@ -60,6 +60,43 @@ class TransformersJudge(TransformersChatModel):
             lambda: JudgeReply("", None),
         )
 
+    def last_positions_logprobs(
+        self, prompts: Sequence[Prompt], score_tokens: Sequence[str], positions: int
+    ) -> list[list[dict[str, float]] | None]:
+        """Per prompt, the log-probabilities of `score_tokens` as the next token after each of
+        its last `positions` prefixes (oldest first): one forward pass reads what a prompt
+        without its last token(s) and the whole prompt would each be followed by (the
+        expected-value pairwise judge reads a score digit and the "0" after a "1" at once).
+        None for a prompt over `max_length` or shorter than `positions` tokens."""
+        import torch
+
+        self._check_open()
+        token_ids = score_token_ids(self.tokenizer, score_tokens)
+
+        def run(sequences: list[list[int]]) -> list[list[dict[str, float]] | None]:
+            from engine.backends import hf
+
+            ids, mask, pos = hf.left_padded(sequences, self.pad_id, self.device)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=False,
+                logits_to_keep=positions,
+            )
+            logprobs = torch.log_softmax(out.logits[:, -positions:].float(), dim=-1)
+            return [
+                None
+                if len(seq) < positions
+                else [
+                    {tok: float(logprobs[b, k, tid]) for tok, tid in token_ids.items()}
+                    for k in range(positions)
+                ]
+                for b, seq in enumerate(sequences)
+            ]
+
+        return self._run_batches(prompts, run, lambda: None)
+
     def _batch(
         self, sequences: list[list[int]], token_ids: dict[str, int], generate: bool
     ) -> list[JudgeReply]:

@@ -20,7 +20,6 @@ compare` sharing an arm) keeps a file whose key matches instead of generating ag
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -116,7 +115,7 @@ def backend_args(spec: GenerateSpec) -> dict[str, Any]:
         "max_batch_prompts": res.max_batch_prompts,
         "trust_remote_code": spec.trust_remote_code,
         "enforce_eager": res.enforce_eager,
-        "num_threads": max(1, math.ceil(res.num_cpus)),
+        "num_threads": res.threads(),
         "use_gpu": res.num_gpus > 0,
     }
 

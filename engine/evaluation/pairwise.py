@@ -359,8 +359,26 @@ def expected_scores(
     split), then one for Assistant 2's after "<Assistant 1's most likely score> ". A prompt the
     backend does not run (longer than its window) gets None."""
     tokens = [str(v) for v in SCALE] if ten_single else [str(d) for d in range(10)]
+    two_at_once = not ten_single and hasattr(backend, "last_positions_logprobs")
+
+    def read_pairs(heads: list[str | None]) -> list[Expected | None]:
+        """Where 10 is split and the backend reads several positions of one forward pass (the
+        transformers judge): `head + "1"` gives the score digit's distribution after `head`
+        (one position before the end) and P("0" | head + "1") (the end) in one pass."""
+        prompts: list[Prompt] = []
+        for messages, head in zip(conversations, heads, strict=True):
+            if head is not None:
+                prompts.extend(reply_prompts(tokenizer, messages, [head + "1"]))
+        read = iter(backend.last_positions_logprobs(prompts, tokens, 2))  # type: ignore[attr-defined]
+        found: list[Expected | None] = []
+        for head in heads:
+            got = None if head is None else next(read)
+            found.append(None if got is None else expected_scale_score(got[0], got[1].get("0")))
+        return found
 
     def read(heads: list[str | None]) -> list[Expected | None]:
+        if two_at_once:
+            return read_pairs(heads)
         prompts: list[Prompt] = []
         for messages, head in zip(conversations, heads, strict=True):
             if head is not None:
@@ -483,7 +501,7 @@ def _backend_args(spec: PairwiseJudgeSpec, model_path: str) -> dict[str, Any]:
         "max_batch_prompts": res.max_batch_prompts,
         "trust_remote_code": spec.trust_remote_code,
         "enforce_eager": res.enforce_eager,
-        "num_threads": max(1, math.ceil(res.num_cpus)),
+        "num_threads": res.threads(),
         "use_gpu": res.num_gpus > 0,
         "openai": endpoint,
     }

@@ -20,6 +20,7 @@ path: one release of grace, never a silent change.
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -65,6 +66,15 @@ class ActorResources(Resources):
     batch_size: Annotated[int, Field(ge=1)] = Field(
         default=256, description="rows per actor call (Ray Data batch)"
     )
+    num_threads: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="torch threads per actor; null = num_cpus rounded up (more threads than "
+        "the cores an actor really has is far slower: see the runtime notes)",
+    )
+
+    def threads(self) -> int:
+        """Torch threads per actor: `num_threads`, else the CPUs it holds, rounded up."""
+        return self.num_threads or max(1, math.ceil(self.num_cpus))
 
 
 class CacheSpec(Strict):

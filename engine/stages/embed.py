@@ -12,7 +12,6 @@ max_seq_length, backend, dtype).
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal
 
 import pyarrow as pa
@@ -120,7 +119,7 @@ def run_embed(ctx: StageContext) -> dict[str, Any]:
         "dtype": spec.dtype,
         "max_seq_length": spec.max_seq_length,
         "batch_size": res.batch_size,
-        "num_threads": max(1, math.ceil(res.num_cpus)),
+        "num_threads": res.threads(),
         "use_gpu": res.num_gpus > 0,
         "trust_remote_code": spec.trust_remote_code,
     }

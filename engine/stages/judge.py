@@ -15,7 +15,6 @@ pool.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -314,7 +313,7 @@ def _backend_args(spec: JudgeSpec, model_path: str) -> dict[str, Any]:
         "max_batch_prompts": res.max_batch_prompts,
         "trust_remote_code": spec.trust_remote_code,
         "enforce_eager": res.enforce_eager,
-        "num_threads": max(1, math.ceil(res.num_cpus)),
+        "num_threads": res.threads(),
         "use_gpu": res.num_gpus > 0,
         "openai": endpoint,
     }

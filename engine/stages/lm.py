@@ -9,7 +9,6 @@ corpus, reads them instead of scoring again.
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal
 
 import pyarrow as pa
@@ -143,7 +142,7 @@ def run_lm(ctx: StageContext) -> dict[str, Any]:
         "max_batch_tokens": res.max_batch_tokens,
         "trust_remote_code": spec.trust_remote_code,
         "enforce_eager": res.enforce_eager,
-        "num_threads": max(1, math.ceil(res.num_cpus)),
+        "num_threads": res.threads(),
         "use_gpu": res.num_gpus > 0,
     }
     return {**score_records(ctx, LMScoringActor, kwargs, LM_SCHEMA), "backend": spec.backend}

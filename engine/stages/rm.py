@@ -20,7 +20,6 @@ on some hosts and fp32 on others under one cache key).
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pyarrow as pa
@@ -124,7 +123,7 @@ def run_rm(ctx: StageContext) -> dict[str, Any]:
         "max_length": spec.max_length,
         "max_batch_pairs": res.max_batch_pairs,
         "trust_remote_code": spec.trust_remote_code,
-        "num_threads": max(1, math.ceil(res.num_cpus)),
+        "num_threads": res.threads(),
         "use_gpu": res.num_gpus > 0,
     }
     return score_records(ctx, RewardActor, kwargs, RM_SCHEMA)
