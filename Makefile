@@ -45,7 +45,7 @@ demo-eval: install
 	$(BIN)/winnow compare jobs/demo-eval.yaml --presets longest,ifd
 
 test: install
-	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/pytest -q -ra --durations=25 $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/pytest -q -ra -m "not slow" $(PYTEST_ARGS)

@@ -300,18 +300,9 @@ def compare(
     print(page)
 
 
-from engine.cli_cache import register as _register_cache  # noqa: E402
+# Command groups in their own modules (engine/cli_*.py); imported last, they reuse the helpers
+# above (console, _fail, _read_job, the exit codes).
+from engine import cli_cache, cli_cluster, cli_k8s, cli_refresh  # noqa: E402
 
-_register_cache(app)
-
-from engine.cli_refresh import register as _register_refresh  # noqa: E402
-
-_register_refresh(app)
-
-from engine.cli_cluster import register as _register_cluster  # noqa: E402
-
-_register_cluster(app)
-
-from engine.cli_k8s import register as _register_k8s  # noqa: E402
-
-_register_k8s(app)
+for _group in (cli_cache, cli_refresh, cli_cluster, cli_k8s):
+    _group.register(app)

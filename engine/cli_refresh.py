@@ -14,7 +14,6 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from engine.config import JobSpec
 
-EXIT_LOCKED = 4  # another run holds the directory: retry later, nothing is wrong with the job
 COMPACT_AT = 8  # compact a cache folder once a refresh leaves this many part files in it
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -76,7 +75,15 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
 
 
 def register(app: typer.Typer) -> None:
-    from engine.cli import EXIT_CONFIG, EXIT_INPUT, VerboseOption, _fail, _read_job, console
+    from engine.cli import (
+        EXIT_CONFIG,
+        EXIT_INPUT,
+        EXIT_LOCKED,
+        VerboseOption,
+        _fail,
+        _read_job,
+        console,
+    )
 
     @app.command()
     def refresh(

@@ -85,16 +85,26 @@ def _selection_hash(run: RunDir) -> str:
 
 
 class _Steps:
-    """Markers for the compare steps (the pipeline's own marker files, in OUT/_stages/)."""
+    """The evaluation steps of a compare, each skipped when its marker (the pipeline's own marker
+    files, `OUT/_stages/compare_<step>.json`) carries the same key and its outputs exist."""
 
-    def __init__(self, run: RunDir) -> None:
-        self.run = run
+    def __init__(self, run: RunDir, progress: Any, log: Callable[[str], None], force: bool):
+        self.run, self.progress, self.log, self.force = run, progress, log, force
+        self.seconds: dict[str, float] = {}
 
-    def done(self, name: str, key: str, outputs: list[Path]) -> dict[str, Any] | None:
-        return self.run.completed(f"compare_{name}", key, outputs)
-
-    def mark(self, name: str, key: str, info: dict[str, Any]) -> None:
-        self.run.mark_done(f"compare_{name}", key, info)
+    def run_step(self, name: str, key: str, outputs: list[Path], work: Callable[[Any], Any]) -> Any:
+        """`work(progress factory)`'s info, or the info of the complete step it skips."""
+        marker = None if self.force else self.run.completed(f"compare_{name}", key, outputs)
+        if marker is None:
+            with self.progress.stage(name):
+                started = time.perf_counter()
+                info = work(self.progress.factory(name))
+                marker = {"seconds": round(time.perf_counter() - started, 3), "info": info}
+            self.run.mark_done(f"compare_{name}", key, marker)
+        else:
+            self.log(f"[dim]{name}: already complete, skipped (--force redoes it)[/]")
+        self.seconds[name] = marker["seconds"]
+        return marker["info"]
 
 
 def run_compare(
@@ -119,7 +129,6 @@ def run_compare(
 
     console = console or Console(stderr=True)
     out = RunDir(plan.out)
-    steps = _Steps(out)
     job = plan.eval_job
     timings: dict[str, Any] = {"runs": {}}
     log: Callable[[str], None] = console.print
@@ -144,75 +153,59 @@ def run_compare(
     ensure_ray(job.ray, logs=out.logs, verbose=verbose)
 
     with StageProgress(console, enabled=not verbose) as progress:
+        steps = _Steps(out, progress, log, force)
         key = fingerprint(recipe, arms_key)
         models = evaluation / "models"
-        marker = None if force else steps.done("train", key, [models / p for p in plan.presets])
-        if marker is None:
-            with progress.stage("train"):
-                started = time.perf_counter()
-                trained = train_arms(
-                    {p: arm_rows(runs[p], "selected") for p in plan.presets},
-                    job.stages.train,
-                    template=template,
-                    seed=seed,
-                    fingerprint=recipe,
-                    out=evaluation,
-                    log=log,
-                    progress=progress.factory("train"),
-                )
-                marker = {"seconds": round(time.perf_counter() - started, 3), "info": trained}
-            steps.mark("train", key, marker)
-        else:
-            log("[dim]train: already complete, skipped (--force redoes it)[/]")
-        timings["train"] = marker["seconds"]
-        trained = marker["info"]
-
+        trained = steps.run_step(
+            "train",
+            key,
+            [models / p for p in plan.presets],
+            lambda bar: train_arms(
+                {p: arm_rows(runs[p], "selected") for p in plan.presets},
+                job.stages.train,
+                template=template,
+                seed=seed,
+                fingerprint=recipe,
+                out=evaluation,
+                log=log,
+                progress=bar,
+            ),
+        )
         gen_key = fingerprint(key, job.stages.generate.settings(), template)
-        answers_dir = evaluation / "answers"
-        answers = {p: answers_dir / f"{p}.parquet" for p in plan.presets}
-        marker = None if force else steps.done("generate", gen_key, list(answers.values()))
-        if marker is None:
-            with progress.stage("generate"):
-                started = time.perf_counter()
-                generated = generate_answers(
-                    {p: str(models / p) for p in plan.presets},
-                    prompts,
-                    job.stages.generate,
-                    template=template,
-                    out=answers_dir,
-                    log=log,
-                    progress=progress.factory("generate"),
-                )
-                marker = {"seconds": round(time.perf_counter() - started, 3), "info": generated}
-            steps.mark("generate", gen_key, marker)
-        else:
-            log("[dim]generate: already complete, skipped (--force redoes it)[/]")
-        timings["generate"] = marker["seconds"]
-        generated = marker["info"]
-
+        answers = {p: evaluation / "answers" / f"{p}.parquet" for p in plan.presets}
+        generated = steps.run_step(
+            "generate",
+            gen_key,
+            list(answers.values()),
+            lambda bar: generate_answers(
+                {p: str(models / p) for p in plan.presets},
+                prompts,
+                job.stages.generate,
+                template=template,
+                out=evaluation / "answers",
+                log=log,
+                progress=bar,
+            ),
+        )
         pairs = [(p, BASELINE) for p in plan.presets if p != BASELINE]
         judge_spec = job.stages.judge_pairwise
-        judge_key = fingerprint(gen_key, judge_spec.settings(), pairs)
         results_file = evaluation / "results.json"
-        marker = None if force else steps.done("judge_pairwise", judge_key, [results_file])
-        if marker is None:
-            with progress.stage("judge_pairwise"):
-                started = time.perf_counter()
-                results = judge_pairs(
-                    pairs,
-                    answers,
-                    judge_spec,
-                    out=evaluation,
-                    cache_key=judge_cache_key(judge_spec),
-                    log=log,
-                    progress=progress.factory("judge_pairwise"),
-                )
-                marker = {"seconds": round(time.perf_counter() - started, 3), "info": {}}
-            steps.mark("judge_pairwise", judge_key, marker)
-        else:
-            log("[dim]judge_pairwise: already complete, skipped (--force redoes it)[/]")
-        timings["judge_pairwise"] = marker["seconds"]
+        steps.run_step(
+            "judge_pairwise",
+            fingerprint(gen_key, judge_spec.settings(), pairs),
+            [results_file],
+            lambda bar: judge_pairs(
+                pairs,
+                answers,
+                judge_spec,
+                out=evaluation,
+                cache_key=judge_cache_key(judge_spec),
+                log=log,
+                progress=bar,
+            )["judging"],
+        )
         results = json.loads(results_file.read_text(encoding="utf-8"))
+    timings.update(steps.seconds)
 
     methods = {
         p: MethodInputs(

@@ -63,7 +63,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -473,25 +472,15 @@ INPUT_SCHEMA = pa.schema(
 
 
 def _backend_args(spec: PairwiseJudgeSpec, model_path: str) -> dict[str, Any]:
-    """What engine.backends.judge_backend needs; the API key is read here, in the actor, from
-    its environment (as engine.stages.judge does), never passed or stored."""
-    from engine.backends.judge_openai import OpenAIEndpoint
-    from engine.models import cache_root
+    """What engine.backends.judge_backend needs; the API key is read in the actor, from its
+    environment (engine.stages.judge.openai_endpoint), never passed or stored."""
+    from engine.stages.judge import openai_endpoint
 
     res = spec.resources
     endpoint = None
     if spec.backend == "openai":
-        key_env = res.endpoint.api_key_env
-        endpoint = OpenAIEndpoint(
-            base_url=res.endpoint.base_url,
-            model=spec.openai.model or model_path,
-            api_key=os.environ.get(key_env) if key_env else None,
-            concurrency=res.endpoint.concurrency,
-            timeout_s=res.endpoint.timeout_s,
-            max_retries=res.endpoint.max_retries,
-            logprobs=False,  # verdicts are generated and parsed
-            request_cache_dir=str(cache_root() / "judge_requests"),
-        )
+        # verdicts are generated and parsed: no log-probabilities asked
+        endpoint = openai_endpoint(res.endpoint, spec.openai.model or model_path, False)
     return {
         "backend": spec.backend,
         "model_path": model_path,

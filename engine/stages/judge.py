@@ -49,6 +49,7 @@ from engine.stages.contract import (
 )
 
 if TYPE_CHECKING:
+    from engine.backends.judge_openai import OpenAIEndpoint
     from engine.config import JobSpec
 
 JUDGE_PREFIX = "judge."
@@ -285,24 +286,33 @@ def judge_cache_keys(job: JobSpec) -> dict[str, str]:
     return keys
 
 
-def _backend_args(spec: JudgeSpec, model_path: str) -> dict[str, Any]:
-    """What engine.backends.judge_backend needs; the API key is read here, never stored."""
+def openai_endpoint(endpoint: EndpointResources, model: str, logprobs: bool) -> OpenAIEndpoint:
+    """The OpenAI-compatible endpoint a judge actor asks. The API key is read here, in the
+    actor, from its own environment: never passed in constructor arguments (Ray logs those),
+    never stored in an output."""
     from engine.backends.judge_openai import OpenAIEndpoint
     from engine.models import cache_root
 
+    key_env = endpoint.api_key_env
+    return OpenAIEndpoint(
+        base_url=endpoint.base_url,
+        model=model,
+        api_key=os.environ.get(key_env) if key_env else None,
+        concurrency=endpoint.concurrency,
+        timeout_s=endpoint.timeout_s,
+        max_retries=endpoint.max_retries,
+        logprobs=logprobs,
+        request_cache_dir=str(cache_root() / "judge_requests"),
+    )
+
+
+def _backend_args(spec: JudgeSpec, model_path: str) -> dict[str, Any]:
+    """What engine.backends.judge_backend needs (the endpoint: `openai_endpoint`)."""
     res = spec.resources
     endpoint = None
     if spec.backend == "openai":
-        key_env = res.endpoint.api_key_env
-        endpoint = OpenAIEndpoint(
-            base_url=res.endpoint.base_url,
-            model=spec.openai.model or model_path,
-            api_key=os.environ.get(key_env) if key_env else None,
-            concurrency=res.endpoint.concurrency,
-            timeout_s=res.endpoint.timeout_s,
-            max_retries=res.endpoint.max_retries,
-            logprobs=spec.openai.logprobs,
-            request_cache_dir=str(cache_root() / "judge_requests"),
+        endpoint = openai_endpoint(
+            res.endpoint, spec.openai.model or model_path, spec.openai.logprobs
         )
     return {
         "backend": spec.backend,
