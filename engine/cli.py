@@ -274,10 +274,14 @@ def compare(
         _fail(f"invalid compare request:\n{exc}", EXIT_CONFIG)
     except (OSError, yaml.YAMLError) as exc:
         _fail(f"cannot read {job_file}: {exc}", EXIT_CONFIG)
+    from engine.runtime.lock import LockHeld
+
     try:
         result = run_compare(plan, console, verbose=verbose, force=force)
     except SourceError as exc:
         _fail(str(exc), EXIT_INPUT)
+    except LockHeld as exc:
+        _fail(str(exc), EXIT_LOCKED)
     for name, method in result["methods"].items():
         rate = method.get("winning_rate")
         if rate is None:

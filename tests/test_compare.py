@@ -78,6 +78,7 @@ def test_compare_two_presets_against_random(tmp_path: Path, alpaca_rows: list[di
         answers = out / "eval" / "answers" / f"{arm}.parquet"
         assert answers.is_file()
     assert (out / "eval" / "judgements" / "longest_vs_random.parquet").is_file()
+    assert not (out / ".winnow.lock").exists()  # held while it ran, released at the end
 
     # Again: every scoring run and every evaluation step is found complete.
     again = runner.invoke(app, ["compare", str(job), "--presets", "longest", "--out", str(out)])

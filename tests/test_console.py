@@ -51,6 +51,22 @@ def test_not_a_terminal_one_final_line_per_stage_with_its_count() -> None:
     assert lines[2].startswith("minhash: done in ")
 
 
+def test_units_follow_the_sub_step_and_slow_rates_read_as_time_per_item() -> None:
+    """Training counts optimizer steps ("train <arm>"), framing bytes, everything else rows; a
+    rate under 0.1 per second reads as seconds per item ("26.3 s/step", not "0.0 steps/s")."""
+    from engine.runtime.console import _rate, unit_of
+
+    assert [unit_of(d) for d in ("train random", "framing a.jsonl", "lm", "judge a vs b")] == [
+        "steps",
+        "bytes",
+        "rows",
+        "rows",
+    ]
+    assert _rate(18 / 473, "steps") == "26.3 s/step"
+    assert _rate(0.3, "rows") == "0.3 rows/s"
+    assert _rate(250.0, "rows") == "250 rows/s"
+
+
 def test_a_failed_stage_says_so_and_the_error_propagates() -> None:
     console, out = plain_console()
     with (

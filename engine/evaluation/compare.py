@@ -114,7 +114,16 @@ def run_compare(
     force: bool = False,
 ) -> dict[str, Any]:
     """Run every preset, train and evaluate every arm, judge against random; returns (and
-    writes) compare.json's content."""
+    writes) compare.json's content. One compare at a time per OUT (its lock, as a run's)."""
+    from engine.runtime.lock import run_lock
+
+    console = console or Console(stderr=True)
+    Path(plan.out).mkdir(parents=True, exist_ok=True)
+    with run_lock(plan.out, "winnow compare", console.print):
+        return _run_compare(plan, console, verbose, force)
+
+
+def _run_compare(plan: ComparePlan, console: Console, verbose: bool, force: bool) -> dict[str, Any]:
     from engine.evaluation.arms import arm_rows
     from engine.evaluation.compare_table import MethodInputs, build_compare, render_compare_html
     from engine.evaluation.eval_sets import load_eval_prompts
@@ -127,7 +136,6 @@ def run_compare(
     from engine.runtime.ray_cluster import ensure_ray
     from engine.stages.train import recipe_fingerprint, train_template
 
-    console = console or Console(stderr=True)
     out = RunDir(plan.out)
     job = plan.eval_job
     timings: dict[str, Any] = {"runs": {}}

@@ -66,6 +66,8 @@ def _rate(per_second: float | None, unit: str) -> str:
         return ""
     if unit == "bytes":
         return f"{per_second / MB:,.1f} MB/s"
+    if per_second < 0.1:  # slow work (a training step, a long judgement): time per item
+        return f"{1 / per_second:,.1f} s/{unit.removesuffix('s')}"
     return f"{per_second:,.1f} {unit}/s" if per_second < 100 else f"{per_second:,.0f} {unit}/s"
 
 
