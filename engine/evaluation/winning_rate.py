@@ -67,8 +67,8 @@ def outcome(judgement: Judgement) -> Outcome:
 
 
 @dataclass(frozen=True)
-class WinningRate:
-    """Counts of model 1's outcomes and the winning rate over the parsed ones (NaN if none)."""
+class _Counts:
+    """Model 1's wins, ties and losses over the judged prompts, and the unreadable ones."""
 
     wins: int
     ties: int
@@ -78,6 +78,11 @@ class WinningRate:
     @property
     def judged(self) -> int:
         return self.wins + self.ties + self.losses
+
+
+@dataclass(frozen=True)
+class WinningRate(_Counts):
+    """Counts of model 1's outcomes and the winning rate over the parsed ones (NaN if none)."""
 
     @property
     def rate(self) -> float:
@@ -182,22 +187,13 @@ def _verdict(first: float | None, second: float | None) -> str | None:
 
 
 @dataclass(frozen=True)
-class FastChatRate:
+class FastChatRate(_Counts):
     """FastChat's pairwise result for model 1 (lm-sys/FastChat `fastchat/llm_judge/
     show_result.py`, `display_result_pairwise`): per prompt one win, tie or loss; a prompt with
     an unreadable verdict in either order ("error") is dropped (counted here as `unparsed`).
 
     `win_rate` = wins / judged; `rate` = FastChat's `win_rate_adjusted` = (wins + ties / 2) /
     judged, in [0, 1] (0.5 means "as good")."""
-
-    wins: int
-    ties: int
-    losses: int
-    unparsed: int = 0
-
-    @property
-    def judged(self) -> int:
-        return self.wins + self.ties + self.losses
 
     @property
     def win_rate(self) -> float:
