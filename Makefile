@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo demo-eval test test-fast bench lint format clean java chromium
+.PHONY: install demo demo-eval test test-fast bench bench-peers bench-stages bench-scale lint format clean java chromium
 
 install: $(STAMP)
 
@@ -50,7 +50,41 @@ test: install
 test-fast: install
 	$(BIN)/pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
-bench: install
+# The peers `make bench` measures against, each in its own virtualenv (never mixed into .venv).
+# A stamp per peer holds "ok" or the failing command's last lines (delete it to retry), so a
+# second `make bench` does not reinstall and the table can say why a row has no peer figure.
+# torch, where a peer needs it, comes first from the local CPU wheel (as in the install rule) so
+# pip does not pull a CUDA build.
+PEER_DIR := .venv-peers
+PEERS := datasketch datatrove text-dedup data-juicer nemo-curator submodlib
+PEER_SPEC_datasketch := datasketch==2.0.0
+PEER_SPEC_datatrove := 'datatrove[processing]==0.10.1' orjson spacy aiohttp requests
+# text-dedup 0.4.1 requires Python >= 3.12 (this venv's is 3.11): 0.4.0 is its newest for 3.11.
+PEER_SPEC_text-dedup := text-dedup==0.4.0
+# data-juicer 1.6.1 imports aiohttp (data_juicer/utils/file_utils.py) without declaring it.
+PEER_SPEC_data-juicer := py-data-juicer==1.6.1 aiohttp
+PEER_SPEC_nemo-curator := nemo-curator==1.4.0
+PEER_SPEC_submodlib := submodlib-py
+PEER_TORCH := text-dedup data-juicer nemo-curator
+
+bench-peers: $(foreach p,$(PEERS),$(PEER_DIR)/$(p)/.stamp)
+
+$(PEER_DIR)/%/.stamp:
+	@mkdir -p $(PEER_DIR)/$*
+	@echo "bench-peers: installing $* into $(PEER_DIR)/$* (log $(PEER_DIR)/$*.log)"
+	@( set -e; test -x $(PEER_DIR)/$*/bin/python || $(PY) -m venv $(PEER_DIR)/$*; \
+	   $(PEER_DIR)/$*/bin/pip install --quiet --upgrade pip; \
+	   $(if $(filter $*,$(PEER_TORCH)),$(PEER_DIR)/$*/bin/pip install --quiet torch==2.13.0;) \
+	   $(PEER_DIR)/$*/bin/pip install $(PEER_SPEC_$*) ) > $(PEER_DIR)/$*.log 2>&1 \
+	  && echo ok > $@ \
+	  || { echo "pip install $(subst ',,$(PEER_SPEC_$*)) failed:" > $@; tail -n 5 $(PEER_DIR)/$*.log >> $@; \
+	       echo "bench-peers: $* failed to install, see $@"; }
+
+# The side-by-side table (jobs/bench/side_by_side.py); `make bench-stages` runs the per-stage ones.
+bench: install bench-peers
+	$(BIN)/python jobs/bench/side_by_side.py $(BENCH_ARGS)
+
+bench-stages: install
 	$(BIN)/python jobs/bench/ingest_throughput.py
 	$(BIN)/python jobs/bench/lm_throughput.py --rows 512 --max-length 512
 	$(BIN)/python jobs/bench/embed_throughput.py
@@ -58,6 +92,12 @@ bench: install
 	$(BIN)/python jobs/bench/diversity_scale.py
 	$(BIN)/python jobs/bench/lang_throughput.py
 	$(BIN)/python jobs/bench/judge_throughput.py
+
+# One million rows (Alpaca, Dolly, ShareGPT with word-level perturbations) through
+# `winnow select --signals lang --dedup near` on this machine: per-stage time, rows/s, peak RSS.
+SCALE_ROWS ?= 1000000
+bench-scale: install
+	$(BIN)/python jobs/bench/scale.py --rows $(SCALE_ROWS)
 
 lint: install
 	$(BIN)/ruff check engine jobs tests

@@ -15,6 +15,7 @@ Safety against runs using the cache at the same time:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,10 +30,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.cache import default_score_cache
+from engine.cache import default_score_cache, set_aside
 from engine.runtime.rundir import atomic_path
 
 BUSY_S = 3600.0
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ def folders(root: str | Path | None = None) -> list[Path]:
     base = Path(root or default_score_cache())
     if not base.is_dir():
         return []
-    return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # `.gc-*` folders are being removed; `_damaged` holds files set aside (engine.cache).
+    return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
 
 
 def folder_stats(folder: Path) -> FolderStats:
@@ -114,7 +117,18 @@ def compact_folder(folder: Path, min_files: int = 2) -> CompactResult:
     used = _last_used(folder)
     # Oldest first, so the first row kept per id is the one lookups saw first.
     merged.sort(key=lambda p: (p.stat().st_mtime, p.name))
-    tables = [pq.read_table(p) for p in merged]
+    tables = []
+    for part in list(merged):
+        try:
+            tables.append(pq.read_table(part))
+        except (OSError, ValueError) as exc:  # as ScoreCache.lookup: never merged, set aside
+            set_aside(part, folder.parent)
+            merged.remove(part)
+            logger.warning(
+                "score cache: %s/%s is damaged (%s): set aside", folder.name, part.name, exc
+            )
+    if not tables:
+        return CompactResult(folder.name, len(merged), 0, 0, 0)
     table = pa.concat_tables(tables, promote_options="permissive")
     ids = table["id"].to_pylist()
     seen: set[str] = set()
@@ -124,7 +138,7 @@ def compact_folder(folder: Path, min_files: int = 2) -> CompactResult:
         seen.add(record_id)
     table = table.filter(pa.array(keep))
     with atomic_path(folder / f"compact-{uuid.uuid4().hex}.parquet") as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, write_page_checksum=True)  # as ScoreCache.add
     for part in merged:
         part.unlink(missing_ok=True)
     os.utime(folder, (used, used))  # compacting is upkeep, not use: keep the gc clock

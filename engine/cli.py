@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,9 @@ T = TypeVar("T")
 EXIT_CONFIG = 2
 EXIT_INPUT = 3
 EXIT_LOCKED = 4  # another run holds the run directory (engine.runtime.lock)
+# 5: a cluster cannot be reached (engine.cli_cluster). 6: the disk (or a file-size limit) filled
+# up while a run wrote its outputs (engine.runtime.disk_full).
+EXIT_DISK_FULL = 6
 
 
 def parse_budget(text: str | None) -> int | float | None:
@@ -74,13 +78,18 @@ VerboseOption = Annotated[
 
 def _execute(job: JobSpec, out: str | None, force: bool, verbose: bool = False) -> None:
     from engine.pipeline import JobRunner, python_command
+    from engine.runtime.disk_full import disk_full_message, public_outputs
     from engine.runtime.lock import LockHeld
     from engine.stages.actor_scoring import PlacementError
     from engine.stages.ingest import EmptyInputError
 
+    # A log line that cannot be written (a full disk) must not print a traceback per line: the
+    # failed output write itself is reported once, below.
+    logging.raiseExceptions = False
     target = out or job.out
     if target is None:
         _fail("no output directory: pass --out DIR or set `out:` in the job spec", EXIT_CONFIG)
+    before = public_outputs(target)
     try:
         runner = JobRunner(job, target, console, verbose=verbose)
         manifest = runner.execute(force=force, command=python_command())
@@ -90,6 +99,13 @@ def _execute(job: JobSpec, out: str | None, force: bool, verbose: bool = False) 
         _fail(str(exc), EXIT_CONFIG)
     except LockHeld as exc:
         _fail(str(exc), EXIT_LOCKED)
+    except Exception as exc:  # a full disk is an expected outcome, not a crash to trace
+        message = disk_full_message(exc, target, before)
+        if message is None:
+            raise
+        # One unwrapped line (rich would wrap it at 80 columns on a pipe), no markup.
+        console.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_DISK_FULL) from None
     counts = manifest.counts
     console.print(
         f"[bold green]done:[/] {counts.input} input rows → {counts.selected} selected, "

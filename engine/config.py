@@ -368,6 +368,10 @@ class SelectSpec(Strict):
 
 
 class SparkSpec(Strict):
+    """`master: local[N]` runs as `local[N,4]`: a failed task (a killed Python worker) is
+    retried as on a cluster (`spark.task.maxFailures` in `conf` sets the 4; `local[N,F]` or a
+    cluster master is used as given: engine.runtime.spark.local_master_with_retries)."""
+
     master: str = "local[*]"
     driver_memory: str = "4g"
     shuffle_partitions: Annotated[int, Field(ge=1)] = 8
@@ -525,6 +529,12 @@ class JobSpec(Strict):
             problem = stage.check(self) if stage.check is not None else None
             if problem:
                 raise ValueError(problem)
+        from engine.models import remote_code_problems
+
+        # Code shipped with a model or dataset is refused before any work (supply chain).
+        problems = remote_code_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
         types = column_types(self.signals)
         if spec.normalize is not None:
             for i, column in enumerate(spec.normalize.columns):

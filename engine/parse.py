@@ -8,7 +8,9 @@ same function, so both do identical work. A record that cannot be parsed leaves 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
+from typing import Any
 
 import pyarrow as pa
 
@@ -46,6 +48,43 @@ PARSED_SCHEMA = pa.schema(
 )
 
 
+# Nesting that Python's recursive `json` survives here (a Spark worker's stack) can still fail
+# where export re-parses and re-dumps the record from a deeper stack: refuse it at ingest.
+MAX_NESTING = 100
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _too_deep(value: Any, limit: int = MAX_NESTING) -> bool:
+    """Whether containers nest deeper than `limit` (iterative: no recursion limit of its own)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, dict | list):
+            continue
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _unwritable(raw: str, record: Any) -> str | None:
+    """Quarantine reason for a record that parses but would break a later write, else None.
+
+    Export re-emits the whole record (`json.dumps(ensure_ascii=False)` into UTF-8), so a lone
+    surrogate escape (`"\\ud800"`) in any field, even one no schema reads, would crash it; and
+    so would nesting deeper than export's stack allows.
+    """
+    if raw.count("[") + raw.count("{") > MAX_NESTING and _too_deep(record):
+        return reasons.INVALID_JSON
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return reasons.INVALID_UTF8
+    return None
+
+
 def parse_batch(batch: pa.RecordBatch, schemas: Mapping[int, str | None]) -> pa.RecordBatch:
     """Turn raw JSON texts into canonical rows; `schemas` maps source_index to its schema.
 
@@ -72,6 +111,8 @@ def parse_batch(batch: pa.RecordBatch, schemas: Mapping[int, str | None]) -> pa.
                     detect_schema(record) if isinstance(record, Mapping) else None
                 )
                 try:
+                    if (unwritable := _unwritable(raw, record)) is not None:
+                        raise RecordError(unwritable)
                     if schema is None:
                         raise RecordError(
                             reasons.NOT_AN_OBJECT

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from engine.config import JobSpec
 from engine.manifest import Counts, Manifest, StageRecord
@@ -123,14 +124,23 @@ class JobRunner:
 
     def plan(self, force: bool = False) -> list[PlannedStage]:
         """Which enabled stages would run: a forced stage, or one without a marker for its
-        current fingerprint (changed settings, a changed stage it reads from, missing outputs).
+        current fingerprint (changed settings, a changed stage it reads from, outputs missing or
+        damaged: named in the log), or one that reads from a stage that runs.
         Fingerprints chain along what each stage reads, so a change re-runs exactly the stages
         downstream of it, and a stage that other stages do not read from re-runs alone."""
         fps = stage_fingerprints(self.job)
-        planned = []
+        planned: list[PlannedStage] = []
         for stage in enabled_stages(self.job):
             outputs = [self.run.root / path for path in stage.writes]
-            done = None if force else self.run.completed(stage.name, fps[stage.name], outputs)
+            done = None
+            if not force and not any(p.runs and stage.reads_from(p.stage) for p in planned):
+                # A marker is trusted only with its outputs sound (RunDir.completion); a stage
+                # whose input is being redone is redone too, even if its marker still matches.
+                state = self.run.completion(stage.name, fps[stage.name], outputs)
+                done = state.marker
+                damaged = state.describe(stage.name)
+                if damaged is not None:
+                    self.log(f"[yellow]{escape(damaged)}[/]")
             planned.append(PlannedStage(stage, fps[stage.name], done))
         return planned
 
@@ -171,6 +181,8 @@ class JobRunner:
 
     def _do_run(self, planned: PlannedStage, progress: StageProgress) -> dict[str, Any]:
         """The stage on the engine it declares; its marker is written after its data."""
+        from engine.runtime.faults import fault_point, with_fault
+
         stage, run = planned.stage, self.run
         run.clear(stage.name)
         if stage.engine == "ray":
@@ -182,9 +194,10 @@ class JobRunner:
             run=run,
             stage=stage,
             log=self.log,
-            progress=progress.factory(stage.name),
+            progress=with_fault(stage.name, progress.factory(stage.name)),
             spark_factory=self.spark if stage.engine == "spark" else None,
         )
+        fault_point(stage.name, "start")  # $WINNOW_FAULT (engine.runtime.faults); no-op unset
         start = time.perf_counter()
         watch = (lambda: self._spark) if stage.engine == "spark" else None
         with progress.stage(stage.name, spark=watch):
@@ -194,10 +207,13 @@ class JobRunner:
             "phases": ctx.phases,
             "info": info,
         }
-        run.mark_done(stage.name, planned.fingerprint, marker)
+        fault_point(stage.name, "before_marker")
+        outputs = [run.root / path for path in stage.writes]  # listed in the marker
+        run.mark_done(stage.name, planned.fingerprint, marker, outputs)
         return marker
 
     def _finish(self, started: str, command: str | None) -> Manifest:
+        from engine.models import job_pins
         from engine.stages.registry import eval_stages, signal_stages
         from engine.stages.report import run_report
 
@@ -241,6 +257,7 @@ class JobRunner:
                 "report": str(run.report),
             },
             logs=str(run.logs),
+            pins=job_pins(self.job),  # models and hf: datasets as resolved (supply chain)
         )
         start = time.perf_counter()
         manifest.finished_at = datetime.now(UTC).isoformat(timespec="seconds")

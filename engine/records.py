@@ -142,7 +142,8 @@ def _from_dolly(record: Mapping[str, Any]) -> Conversation:
     extra = _text_field(record, "context", required=False) or _text_field(
         record, "input", required=False
     )
-    response_key = "response" if "response" in record else "output"
+    # `output` only stands in when present: a row with neither is missing its Dolly `response`.
+    response_key = "output" if "response" not in record and "output" in record else "response"
     output = _text_field(record, response_key)
     return [*_prompt_turns(instruction, extra), {"role": "assistant", "content": output}]
 

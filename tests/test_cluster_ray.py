@@ -68,6 +68,8 @@ def _project(tmp: Path) -> Path:
     (root / "runs" / "old" / "scores.parquet").write_bytes(b"0" * 5000)
     (root / ".venv" / "lib").mkdir(parents=True)
     (root / ".venv" / "lib" / "big.so").write_bytes(b"0" * 5000)
+    (root / ".venv-peers" / "datatrove").mkdir(parents=True)  # `make bench-peers`
+    (root / ".venv-peers" / "datatrove" / "big.so").write_bytes(b"0" * 5000)
     (root / "engine" / "__pycache__").mkdir()
     (root / "engine" / "__pycache__" / "mod.pyc").write_bytes(b"0" * 5000)
     (root / "data").mkdir()
@@ -96,7 +98,9 @@ def test_plan_ships_code_without_venv_runs_caches_or_big_files(tmp_path: Path) -
     assert plan.upload_bytes == expected
     assert plan.big_files == ["data/huge.bin"]
     excludes = plan.runtime_env["excludes"]
-    assert {".venv", "runs", "__pycache__", ".git", "/data/huge.bin"} <= set(excludes)
+    assert {".venv", ".venv-peers", "runs", "__pycache__", ".git", "/data/huge.bin"} <= set(
+        excludes
+    )
     assert plan.runtime_env["working_dir"] == str(root.resolve())
     # Behaviour flags travel; a secret in the submitting shell never does.
     assert plan.runtime_env["env_vars"] == {"HF_HUB_OFFLINE": "1"}

@@ -112,7 +112,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert "ünïcode" in text  # not \u-escaped
     assert text.startswith('{\n  "run_id"') and text.endswith("}\n")  # indent 2
     data = json.loads(text)
-    assert set(data) == LEGACY_KEYS | {"stages", "logs", "evaluation"}
+    assert set(data) == LEGACY_KEYS | {"stages", "logs", "evaluation", "pins"}
     assert data["evaluation"] is None  # no `eval:` block
     assert data["sources"][0]["schema"] == "alpaca"
     assert data["stages"][1] == {

@@ -59,6 +59,7 @@ __all__ = [
 # gitignore-style patterns, relative to the working directory (Ray's `excludes` syntax).
 EXCLUDED_DIRS = (
     ".venv",
+    ".venv-peers",  # the benchmark's peer tools (make bench-peers), gigabytes
     "venv",
     "runs",
     ".git",

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from engine import reasons
 
 EXCERPT_CHARS = 300
@@ -23,6 +25,14 @@ _CHUNK = 1 << 20
 _LONE_SURROGATE = re.compile("[\udc80-\udcff]")
 _WS = " \t\r\n"
 _BOM = "\ufeff"
+# JSON and JSON Lines are UTF-8 (RFC 8259 8.1); a UTF-16/32 file (Windows tools write them) is
+# quarantined line by line as invalid_utf8, and named in a warning so the user can convert it.
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,16 @@ def _printable_excerpt(text: str) -> str:
     return cut.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def _warn_wide_encoding(path: Path, head: bytes, stats: FrameStats) -> None:
+    for bom, name in _WIDE_BOMS:
+        if head.startswith(bom):
+            stats.warnings.append(
+                f"{path}: the file is {name}-encoded (byte order mark); Winnow reads UTF-8 only, "
+                f"so its records are quarantined: convert it, e.g. iconv -f {name} -t UTF-8"
+            )
+            return
+
+
 def _check(row: int, text: str, max_bytes: int) -> RawRecord:
     """Apply the byte-level checks shared by every container."""
     if len(text) * 4 > max_bytes and len(text.encode("utf-8", "surrogateescape")) > max_bytes:
@@ -71,6 +91,7 @@ def frame_jsonl(
                 pending = 0
             text = line.decode("utf-8", "surrogateescape").rstrip("\r\n")
             if row == 0:
+                _warn_wide_encoding(path, line, stats)
                 text = text.removeprefix(_BOM)
             if not text.strip():
                 stats.blank_lines += 1
@@ -101,7 +122,10 @@ class _ElementScanner:
     def end(self, buf: str) -> int | None:
         """Index just past the value, or None when the buffer ends first (read more)."""
         if self.pos == self.start and buf[self.start] not in '[{"':
-            match = self._SCALAR_END.search(buf, self.start)
+            # Only `,` or `]` make an empty slot; a bad scalar starting with other whitespace
+            # (form feed, U+00A0) spans at least that character.
+            first = self.start if buf[self.start] in ",]" else self.start + 1
+            match = self._SCALAR_END.search(buf, first)
             return match.start() if match else None
         while True:
             match = self._STRUCT.search(buf, self.pos)
@@ -172,7 +196,13 @@ def frame_json_array(
             None when `json` cannot decode it (the scanner then finds its end)."""
             while True:
                 try:
-                    return decoder.raw_decode(buf, start)[1]
+                    end = decoder.raw_decode(buf, start)[1]
+                    # A number ending exactly at the end of the buffer may go on in the next
+                    # read (`12|345`): decode it again with more text, or it splits in two.
+                    at_end = end == len(buf) and len(buf) - start <= max_bytes
+                    if at_end and not eof and fill():
+                        continue
+                    return end
                 except json.JSONDecodeError as exc:
                     need_more = (
                         exc.msg.startswith("Unterminated string") or exc.pos >= len(buf) - 64
@@ -184,6 +214,7 @@ def frame_json_array(
                     return None
 
         skip_ws()
+        _warn_wide_encoding(path, buf[:4].encode("utf-8", "surrogateescape"), stats)
         if buf.startswith(_BOM):
             buf, buf_offset = buf[1:], len(_BOM.encode())
             skip_ws()
@@ -234,6 +265,16 @@ def frame_json_array(
                         row, None, reasons.TRUNCATED_RECORD, _printable_excerpt(buf[start:])
                     )
                     return
+                if end == start:
+                    # An empty slot (`[a,,b]` or a trailing comma `[a,]`) holds no record: like a
+                    # blank JSONL line it is reported, not counted (it used to become a phantom
+                    # invalid_json row).
+                    stats.warnings.append(
+                        f"{path}: empty array slot at byte {offset_of(start)} (extra ',') ignored"
+                    )
+                    pos = end
+                    expect_comma = True
+                    continue
                 too_big = _byte_len(buf[start:end]) > max_bytes
                 reason = reasons.TOO_LARGE if too_big else reasons.INVALID_JSON
                 yield RawRecord(row, None, reason, _printable_excerpt(buf[start:end]))
@@ -267,13 +308,53 @@ def _to_json(record: dict[str, Any]) -> str:
         return json.dumps(_finite(record), ensure_ascii=False, default=_json_default)
 
 
+def _batch_rows(batch: Any) -> Iterator[dict[str, Any] | RawRecord]:
+    """A batch's rows as dicts; a row Python cannot hold becomes an error `RawRecord` (row 0).
+
+    `to_pylist` fails for a whole batch on one bad value: a string column holding invalid UTF-8
+    (written by another tool), a date beyond Python's year 9999. Only then are rows converted
+    one by one, so that one bad value quarantines its row, not the batch (nor crashes ingest).
+    """
+    try:
+        yield from batch.to_pylist()
+        return
+    except (ValueError, OverflowError, ArithmeticError, pa.ArrowException):
+        pass  # UnicodeDecodeError is a ValueError
+    for i in range(batch.num_rows):
+        one = batch.slice(i, 1)
+        try:
+            yield one.to_pylist()[0]
+        except (ValueError, OverflowError, ArithmeticError, pa.ArrowException) as exc:
+            names = zip(one.schema.names, one.columns, strict=True)
+            bad = [name for name, column in names if not _converts(column)]
+            column = bad[0] if bad else "?"
+            reason = (
+                reasons.INVALID_UTF8
+                if isinstance(exc, UnicodeDecodeError)
+                else reasons.wrong_type(column)
+            )
+            yield RawRecord(0, None, reason, _printable_excerpt(f"{column}: {exc}"))
+
+
+def _converts(column: Any) -> bool:
+    try:
+        column.to_pylist()
+    except (ValueError, OverflowError, ArithmeticError, pa.ArrowException):
+        return False
+    return True
+
+
 def frame_arrow_batches(
     batches: Iterator[Any], max_bytes: int, progress: Callable[[int], None] | None = None
 ) -> Iterator[RawRecord]:
     """Rows of Arrow record batches (Parquet, Hugging Face datasets) as JSON texts."""
     row = 0
     for batch in batches:
-        for record in batch.to_pylist():
+        for record in _batch_rows(batch):
+            if isinstance(record, RawRecord):
+                yield RawRecord(row, None, record.error, record.excerpt)
+                row += 1
+                continue
             try:
                 yield _check(row, _to_json(record), max_bytes)
             except UnicodeDecodeError:

@@ -117,12 +117,19 @@ def _hf_batches(source: Source) -> Iterator[object]:
 
 
 def _parquet_batches(source: Source) -> Iterator[object]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = Path(source.location)
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     for file in files:
-        yield from pq.ParquetFile(file).iter_batches(batch_size=8192)
+        # A file that is not Parquet (or whose footer is damaged) cannot be framed at all: say
+        # which file, instead of a bare ArrowInvalid from deep inside the reader.
+        try:
+            reader = pq.ParquetFile(file)
+        except (pa.ArrowException, OSError) as exc:
+            raise SourceError(f"{file}: not a readable Parquet file ({exc})") from None
+        yield from reader.iter_batches(batch_size=8192)
 
 
 def frame_source(

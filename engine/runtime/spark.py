@@ -11,8 +11,9 @@ documented hook for capturing its stdout/stderr, and handed to `SparkContext(gat
 from __future__ import annotations
 
 import os
+import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,25 @@ def write_log4j2_config(logs: Path) -> Path:
     return config
 
 
+LOCAL_MASTER = re.compile(r"local(?:\[(\*|\d+)\])?")
+TASK_MAX_FAILURES = "spark.task.maxFailures"
+DEFAULT_TASK_ATTEMPTS = 4  # Spark's own default on a cluster
+
+
+def local_master_with_retries(master: str, conf: Mapping[str, str] | None = None) -> str:
+    """`local` / `local[N]` / `local[*]` as `local[N,F]`: local mode ignores
+    `spark.task.maxFailures` and fails the job on a task's first failure (a Python worker
+    killed by the OOM killer, say), where a cluster retries it. Retrying is safe: tasks are
+    deterministic and Spark's writes go through output committers. F is the job's
+    `spark.task.maxFailures` (default 4, as on a cluster); a master that names its own F
+    (`local[N,F]`), or any other master, is left as given."""
+    match = LOCAL_MASTER.fullmatch(master.strip())
+    if match is None:
+        return master
+    attempts = int((conf or {}).get(TASK_MAX_FAILURES, DEFAULT_TASK_ATTEMPTS))
+    return f"local[{match.group(1) or 1},{attempts}]"
+
+
 def spark_options(
     spec: SparkSpec, app_name: str = "winnow", log4j_config: Path | None = None
 ) -> dict[str, str]:
@@ -65,7 +85,7 @@ def spark_options(
     then the log4j2 file added to the driver's Java options unless the job names its own."""
     options = {
         "spark.app.name": app_name,
-        "spark.master": spec.master,
+        "spark.master": local_master_with_retries(spec.master, spec.conf),
         "spark.driver.memory": spec.driver_memory,
         "spark.sql.shuffle.partitions": str(spec.shuffle_partitions),
         "spark.sql.execution.arrow.pyspark.enabled": "true",

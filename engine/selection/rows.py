@@ -178,7 +178,9 @@ def select_rows(
     """Decide every row: adds `selected`, `reason`, `dup_of`, `random_baseline`. Pure over the
     frame (and the embedding matrix aligned to it, when a step needs vectors)."""
     spec = job.select
-    frame = frame.copy()
+    # A shallow copy: columns are only added, replaced or dropped here, never written into, so
+    # the caller's frame stays as it was without a second copy of every column (1M rows).
+    frame = frame.copy(deep=False)
     ids = frame["id"].to_numpy()
     n = len(frame)
     reasons = np.full(n, None, dtype=object)
@@ -253,7 +255,8 @@ def select_rows(
     reasons[flagged] = R.TOO_SIMILAR
     reasons[eligible & ~selected & ~flagged] = R.BELOW_BUDGET
 
-    out = frame.drop(columns=["source_index"])
+    out = frame  # the shallow copy above: dropping a column here leaves the caller's frame
+    del out["source_index"]
     out["selected"] = selected
     out["reason"] = pd.array(reasons, dtype="string")
     out["dup_of"] = pd.array(dup_of, dtype="string")

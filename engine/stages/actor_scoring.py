@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+from rich.markup import escape
 
 from engine.cache import ScoreCache
 from engine.runtime.rundir import RunDir
@@ -218,7 +219,8 @@ def score_records(
     cache = getattr(spec, "cache", None)
     caches = {}
     if cache is not None and cache.enabled:
-        caches[name] = ScoreCache(cache.dir, key, schema)
+        # A damaged cache file is set aside and named in the stage's log (engine.cache).
+        caches[name] = ScoreCache(cache.dir, key, schema, warn=lambda m: ctx.log(escape(m)))
     pool = ActorPool(
         name=name,
         actor_cls=actor_cls,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
+from rich.markup import escape
 
 from engine.cache import ScoreCache
 from engine.runtime.rundir import fingerprint
@@ -355,7 +356,12 @@ def run_judge(ctx: StageContext) -> dict[str, Any]:
     keys = judge_cache_keys(job)
     parts = {judge.name: judge_schema([judge.name]) for judge in judges}
     caches = (
-        {name: ScoreCache(spec.cache.dir, keys[name], parts[name]) for name in parts}
+        {
+            name: ScoreCache(
+                spec.cache.dir, keys[name], parts[name], warn=lambda m: ctx.log(escape(m))
+            )
+            for name in parts
+        }
         if spec.cache.enabled
         else {}
     )

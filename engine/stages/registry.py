@@ -12,7 +12,7 @@ evaluation loop (train each arm, generate answers, judge them pairwise).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -32,7 +32,7 @@ from engine.stages import (
     tokens,
     train,
 )
-from engine.stages.contract import Stage
+from engine.stages.contract import Stage, StageContext
 
 if TYPE_CHECKING:
     from engine.config import JobSpec
@@ -64,6 +64,25 @@ JUDGE = judge.STAGE.signal
 
 def stage(name: str) -> Stage:
     return BY_NAME[name]
+
+
+def quiet_context(name: str, job: JobSpec, run: Any, spark: Any = None) -> StageContext:
+    """The StageContext the executor would hand stage `name`, without log or progress bars:
+    for running one stage alone (tests, benchmarks) on an engine the caller started; Ray
+    stages need Ray already started."""
+    return StageContext(
+        job=job,
+        run=run,
+        stage=stage(name),
+        log=lambda message: None,
+        progress=lambda description, total: lambda n: None,
+        spark_factory=(lambda: spark) if spark is not None else None,
+    )
+
+
+def run_alone(name: str, job: JobSpec, run: Any, spark: Any = None) -> dict[str, Any]:
+    """Stage `name` run alone, outside the executor (no planning, markers or lock): its info."""
+    return stage(name).run(quiet_context(name, job, run, spark))
 
 
 def enabled_stages(job: JobSpec) -> list[Stage]:

@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 
 from engine.manifest import Manifest
 from engine.report import render_report
-from engine.runtime.rundir import RunDir
+from engine.runtime.rundir import RunDir, atomic_write
 
 EXAMPLES_KEPT = 5
 EXAMPLES_PER_REASON = 2
@@ -87,6 +87,7 @@ def run_report(run: RunDir, manifest: Manifest) -> None:
         ascending=manifest.selection.get("order") == "asc",
     )
     page = render_report(scores, manifest, examples)
-    tmp = run.report.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(run.report)
+    # atomic_write: a failed write (a full disk) removes its temp file and leaves the old page;
+    # a fixed `report.html.tmp` name would stay behind, half written, for the next run to trip.
+    with atomic_write(run.report) as handle:
+        handle.write(page)

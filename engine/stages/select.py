@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from engine.runtime.rundir import RunDir, atomic_path
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 
 KEY_COLUMNS = ["id", "source", "row"]
 DECISION_COLUMNS = ["selected", "reason", "dup_of", "random_baseline"]
+SCORES_BATCH_ROWS = 131_072  # rows per slice converted to Arrow when writing scores.parquet
 
 
 def _read_folder(folder: Path, columns: list[str] | None = None) -> pd.DataFrame:
@@ -33,10 +36,13 @@ def load_signals(job: JobSpec, run: RunDir) -> pd.DataFrame:
 
     frame = _read_folder(run.records, ["id", "source", "source_index", "row", "dup_of"])
     for name in ["indicators", *(s.name for s in signal_stages(job))]:
-        sidecar = pq.read_table(str(run.signal(name)))
-        scalar = [c for c in sidecar.column_names if c not in VECTOR_COLUMNS]
+        # Only the scalar columns are read: a vector column (1M x 384 floats is 1.5 GB) never
+        # reaches the driver here; load_vectors reads it when a step needs it.
+        folder = run.signal(name)
+        names = ds.dataset(str(folder), format="parquet").schema.names
+        scalar = [c for c in names if c not in VECTOR_COLUMNS]
         if len(scalar) > 1:
-            part = sidecar.select(scalar).to_pandas()
+            part = _read_folder(folder, scalar)
             frame = frame.merge(part, on="id", how="left", validate="many_to_one")
     return frame.sort_values(["source_index", "row"], kind="stable").reset_index(drop=True)
 
@@ -58,8 +64,15 @@ def load_vectors(run: RunDir, ids: np.ndarray) -> np.ndarray:
 def write_scores(scores: pd.DataFrame, path: Path) -> None:
     """`scores.parquet`: keys first, then signals, then the decision columns."""
     signals = [c for c in scores.columns if c not in KEY_COLUMNS and c not in DECISION_COLUMNS]
-    with atomic_path(path) as tmp:
-        scores[[*KEY_COLUMNS, *signals, *DECISION_COLUMNS]].to_parquet(tmp, index=False)
+    columns = [*KEY_COLUMNS, *signals, *DECISION_COLUMNS]
+    # Converted and written a slice at a time with one schema (taken from the whole frame, so
+    # a slice whose object column is all null keeps its type): the driver never holds a second,
+    # Arrow copy of the whole table.
+    schema = pa.Schema.from_pandas(scores[columns], preserve_index=False)
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for start in range(0, max(len(scores), 1), SCORES_BATCH_ROWS):
+            part = scores.iloc[start : start + SCORES_BATCH_ROWS][columns]
+            writer.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False))
 
 
 def run_select(ctx: StageContext) -> dict[str, Any]:

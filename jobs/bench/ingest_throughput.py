@@ -31,7 +31,7 @@ from engine.readers.sources import frame_source, resolve_source
 from engine.runtime.rundir import RunDir
 from engine.runtime.spark import spark_session
 from engine.signals.indicators import INDICATOR_COLUMNS
-from engine.stages.ingest import run_ingest
+from engine.stages.registry import run_alone as run_stage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -135,9 +135,7 @@ def main() -> None:
             spark = spark_session(job.spark)
             startup_s = time.perf_counter() - start
             start = time.perf_counter()
-            info = run_ingest(
-                job, RunDir(work / "spark"), spark, lambda *_: lambda n: None, lambda m: None
-            )
+            info = run_stage("ingest", job, RunDir(work / "spark"), spark)
             spark_s = time.perf_counter() - start
         assert info["input"] == rows, (info["input"], rows)
         base_rows = pq.read_metadata(work / "baseline" / "indicators.parquet").num_rows

@@ -3,7 +3,7 @@
 Both sides run `engine.signals.lang.lang_table` (lingua, every language, `--accuracy auto` by
 default: high-accuracy models for short texts, low-accuracy for long ones) over real ShareGPT
 conversations (the built-in corpus, replicated up to `--rows`).
-Spark runs the real stage (`run_lang`: mapInArrow over `records/`, one detector per Python worker);
+Spark runs the real lang stage (mapInArrow over `records/`, one detector per Python worker);
 the baseline is one Python process looping over `--baseline-rows` of the same rows in batches of
 512, once with lingua's sequential call and once with its own thread pool (`parallel=True`).
 Prints rows/s, rows/s per core and the ratios, plus peak RSS (the JVM and Python workers count).
@@ -33,7 +33,7 @@ from engine.records import to_canonical
 from engine.runtime.rundir import RunDir
 from engine.runtime.spark import spark_session
 from engine.signals.lang import lang_table
-from engine.stages.lang import run_lang
+from engine.stages.registry import run_alone as run_stage
 
 try:  # the same sampler the ingest benchmark uses
     from jobs.bench.ingest_throughput import PeakRss
@@ -133,7 +133,7 @@ def main() -> None:
         spark = spark_session(job.spark)
         with PeakRss() as mem:
             start = time.perf_counter()
-            info = run_lang(job, run, spark)
+            info = run_stage("lang", job, run, spark)
             seconds = time.perf_counter() - start
         spark.stop()
         assert info["rows"] == args.rows, info

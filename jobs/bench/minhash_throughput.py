@@ -4,7 +4,7 @@ The corpus is the Alpaca 9k sample replicated to ~100k rows; every replica after
 word-level perturbations (about one edit per 40 words: replace, delete or swap), so each row has
 about ten near-duplicates and few exact ones. Both sides start from the ingested `records/` and
 use the conversation text in 5-word shingles with threshold 0.7:
-- Winnow: `run_minhash` (signatures by mapInArrow, the spec's banding (default: optimal for the
+- Winnow: the minhash stage (signatures by mapInArrow, the spec's banding (default: optimal for the
   threshold), bucket self-join, Jaccard verified on the same signatures, components on the
   driver), on all rows and on a subset;
 - Spark ML: RegexTokenizer -> NGram(5) -> HashingTF(binary) -> MinHashLSH(numHashTables) ->
@@ -30,8 +30,7 @@ import pyarrow.parquet as pq
 from engine.config import parse_job
 from engine.runtime.rundir import RunDir
 from engine.runtime.spark import spark_session
-from engine.stages.ingest import run_ingest
-from engine.stages.minhash import run_minhash
+from engine.stages.registry import run_alone as run_stage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -134,7 +133,7 @@ def main() -> None:
         spark = spark_session(job.spark)
         full = RunDir(work / "full")
         start = time.perf_counter()
-        ingest = run_ingest(job, full, spark, lambda *_: lambda n: None, lambda m: None)
+        ingest = run_stage("ingest", job, full, spark)
         print(
             f"corpus: {args.rows} rows, {ingest['unique']} unique after exact dedup "
             f"(ingest {time.perf_counter() - start:.1f}s), cores {os.cpu_count()}, {args.master}"
@@ -147,7 +146,7 @@ def main() -> None:
         )
 
         start = time.perf_counter()
-        info = run_minhash(job, full, spark)
+        info = run_stage("minhash", job, full, spark)
         full_s = time.perf_counter() - start
         print(
             f"winnow banding, all rows: {info['rows'] / full_s:.0f} rows/s ({full_s:.1f}s) {info}"
@@ -155,7 +154,7 @@ def main() -> None:
 
         small = subset_run(full, work / "subset", args.subset)
         start = time.perf_counter()
-        small_info = run_minhash(job, small, spark)
+        small_info = run_stage("minhash", job, small, spark)
         ours_s = time.perf_counter() - start
         ml_s, ml_rows, ml_pairs = spark_ml_minhash(spark, small, spec.threshold, args.tables)
         print(f"\nsame {small_info['rows']} rows (first {args.subset} input rows):")
