@@ -45,6 +45,7 @@ class FolderStats:
     bytes: int
     last_write: str | None  # ISO time of the newest file
     last_used: str | None  # ISO time of the newest read or write
+    damaged: int = 0  # files whose footer does not open (the next lookup sets them aside)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,17 +80,29 @@ def folders(root: str | Path | None = None) -> list[Path]:
     return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
 
 
+def _footer_rows(path: Path) -> int | None:
+    """Rows from a part's Parquet footer, None when the footer does not open (damaged)."""
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except FileNotFoundError:
+        return 0  # compacted or collected since it was listed
+    except (OSError, ValueError):  # ArrowInvalid is a ValueError
+        return None
+
+
 def folder_stats(folder: Path) -> FolderStats:
-    """Files, rows (from the Parquet footers: nothing is read), bytes and times of one folder."""
+    """Files, rows (from the Parquet footers: nothing is read), bytes and times of one folder;
+    a damaged file is counted, not read (stats only looks: a lookup or compact sets it aside)."""
     parts = _parts(folder)
-    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+    rows = [_footer_rows(p) for p in parts]
     return FolderStats(
         fingerprint=folder.name,
         files=len(parts),
-        rows=rows,
-        bytes=sum(p.stat().st_size for p in parts),
+        rows=sum(r for r in rows if r is not None),
+        bytes=sum(p.stat().st_size for p in parts if p.exists()),
         last_write=_iso(_last_write(folder)),
         last_used=_iso(_last_used(folder)),
+        damaged=sum(r is None for r in rows),
     )
 
 
@@ -112,7 +125,7 @@ def compact_folder(folder: Path, min_files: int = 2) -> CompactResult:
     merged = _parts(folder)
     if len(merged) < min_files:
         n = len(merged)
-        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in merged)
+        rows = sum(_footer_rows(p) or 0 for p in merged)
         return CompactResult(folder.name, n, n, rows, rows)
     used = _last_used(folder)
     # Oldest first, so the first row kept per id is the one lookups saw first.

@@ -28,6 +28,9 @@ EXIT_LOCKED = 4  # another run holds the run directory (engine.runtime.lock)
 # 5: a cluster cannot be reached (engine.cli_cluster). 6: the disk (or a file-size limit) filled
 # up while a run wrote its outputs (engine.runtime.disk_full).
 EXIT_DISK_FULL = 6
+# 7: a worker (Spark task attempts used up, a Ray actor or node) died for good; the completed
+# stages are kept and the same command resumes (engine.runtime.worker_lost).
+EXIT_WORKER_LOST = 7
 
 
 def parse_budget(text: str | None) -> int | float | None:
@@ -78,8 +81,9 @@ VerboseOption = Annotated[
 
 def _execute(job: JobSpec, out: str | None, force: bool, verbose: bool = False) -> None:
     from engine.pipeline import JobRunner, python_command
-    from engine.runtime.disk_full import disk_full_message, public_outputs
+    from engine.runtime.disk_full import disk_full_message, log_traceback, public_outputs
     from engine.runtime.lock import LockHeld
+    from engine.runtime.worker_lost import worker_lost_message
     from engine.stages.actor_scoring import PlacementError
     from engine.stages.ingest import EmptyInputError
 
@@ -90,6 +94,7 @@ def _execute(job: JobSpec, out: str | None, force: bool, verbose: bool = False) 
     if target is None:
         _fail("no output directory: pass --out DIR or set `out:` in the job spec", EXIT_CONFIG)
     before = public_outputs(target)
+    runner = None
     try:
         runner = JobRunner(job, target, console, verbose=verbose)
         manifest = runner.execute(force=force, command=python_command())
@@ -99,13 +104,17 @@ def _execute(job: JobSpec, out: str | None, force: bool, verbose: bool = False) 
         _fail(str(exc), EXIT_CONFIG)
     except LockHeld as exc:
         _fail(str(exc), EXIT_LOCKED)
-    except Exception as exc:  # a full disk is an expected outcome, not a crash to trace
-        message = disk_full_message(exc, target, before)
+    except Exception as exc:  # a full disk or a dead worker is an outcome, not a crash to trace
+        code, message = EXIT_DISK_FULL, disk_full_message(exc, target, before)
         if message is None:
-            raise
+            stage = runner.current_stage if runner is not None else None
+            code, message = EXIT_WORKER_LOST, worker_lost_message(exc, stage)
+            if message is None:
+                raise
+            log_traceback(target, exc)
         # One unwrapped line (rich would wrap it at 80 columns on a pipe), no markup.
         console.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_DISK_FULL) from None
+        raise typer.Exit(code) from None
     counts = manifest.counts
     console.print(
         f"[bold green]done:[/] {counts.input} input rows → {counts.selected} selected, "

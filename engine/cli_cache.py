@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         for s in found:
             table.add_row(
                 s.fingerprint,
-                str(s.files),
+                f"{s.files} ({s.damaged} damaged)" if s.damaged else str(s.files),
                 str(s.rows),
                 _size(s.bytes),
                 s.last_write or "-",

@@ -111,6 +111,7 @@ class JobRunner:
         self.records: list[StageRecord] = []
         self.infos: dict[str, dict[str, Any]] = {}
         self._spark = None
+        self.current_stage: str | None = None  # the stage running now (for error messages)
 
     def log(self, message: str) -> None:
         self.console.print(message)
@@ -155,7 +156,9 @@ class JobRunner:
             configure_logging(self.run.logs, self.verbose)
             with StageProgress(self.console, enabled=not self.verbose) as progress:
                 for planned in self.plan(force):
+                    self.current_stage = planned.stage.name
                     self.infos[planned.stage.name] = self._run_stage(planned, progress)
+                self.current_stage = None
             return self._finish(started, command)
 
     def _run_stage(self, planned: PlannedStage, progress: StageProgress) -> dict[str, Any]:

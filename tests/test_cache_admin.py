@@ -176,3 +176,23 @@ def test_cli_stats_compact_gc_keep_run(tmp_path: Path) -> None:
     assert {p.name for p in cache_dir.iterdir()} == used
     out = runner.invoke(app, ["cache", "gc", "--dir", str(cache_dir)])
     assert out.exit_code == 2 and "older-than" in out.output
+
+
+def test_stats_and_compact_count_a_damaged_file_instead_of_crashing(tmp_path: Path) -> None:
+    """`winnow cache stats` only looks: a file whose footer does not open is counted as damaged;
+    `compact` sets it aside (engine.cache.set_aside) and merges the rest."""
+    cache = ScoreCache(tmp_path, "fp", SCHEMA)
+    _add(cache, ["a", "b"])
+    _add(cache, ["c"])
+    bad = cache.folder / "cut.parquet"
+    bad.write_bytes(next(cache.folder.glob("*.parquet")).read_bytes()[:40])
+    (found,) = cache_admin.stats(tmp_path)
+    assert (found.files, found.rows, found.damaged) == (3, 3, 1)
+    small = cache_admin.compact_folder(cache.folder, min_files=10)  # below min_files: footers
+    assert small.rows_before == 3
+    result = cache_admin.compact_folder(cache.folder)
+    assert (result.files_before, result.rows_after) == (2, 3)
+    assert (tmp_path / "_damaged" / "fp" / "cut.parquet").is_file()
+    assert sorted(cache.lookup(["a", "b", "c"])["id"].to_pylist()) == ["a", "b", "c"]
+    result = CliRunner().invoke(app, ["cache", "stats", "--dir", str(tmp_path)])
+    assert result.exit_code == 0 and "3 rows" in result.output, result.output

@@ -4,7 +4,8 @@
 Winnow runs as `local[*,4]`: engine.runtime.spark.local_master_with_retries). While ingest
 parses, the test SIGKILLs one busy `pyspark.daemon` child (a Python worker running a task) that
 descends from the subprocess it started. Spark loses that task and runs it again: the run
-finishes with every input row exactly once.
+finishes with every input row exactly once. With retries off (`local[2,1]`) the run ends with
+exit 7 and one line naming the stage and the dead worker, and the same command resumes.
 """
 
 from __future__ import annotations
@@ -86,30 +87,26 @@ def _kill_a_busy_worker(proc: subprocess.Popen, out: Path) -> int:
     raise AssertionError("no busy Spark Python worker seen while ingest ran")
 
 
-def test_killed_python_worker_task_is_retried_and_no_row_is_lost_or_doubled(
-    tmp_path: Path, alpaca_rows: list[dict]
-) -> None:
-    rows = alpaca_rows
-    source = tmp_path / "rows.jsonl"
-    source.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    out = tmp_path / "run"
+def _select(source: Path, out: Path, config: Path | None = None) -> list[str]:
+    command = [sys.executable, "-m", "engine", "select", str(source), "--out", str(out)]
+    command += ["--budget", "50", "--dedup", "none"]
+    return command + (["--config", str(config)] if config is not None else [])
+
+
+def _env() -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # WINNOW_CACHE: the session's tmp cache
     env.pop("SPARK_HOME", None)
-    command = [
-        sys.executable,
-        "-m",
-        "engine",
-        "select",
-        str(source),
-        "--out",
-        str(out),
-        "--budget",
-        "50",
-        "--dedup",
-        "none",
-    ]
+    return env
+
+
+def _run_killing_a_worker(command: list[str], out: Path) -> tuple[int, str, int]:
+    """(exit code, console output, the killed worker's pid) of `command` in its own session."""
     proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        command,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         killed = _kill_a_busy_worker(proc, out)
@@ -118,15 +115,11 @@ def test_killed_python_worker_task_is_retried_and_no_row_is_lost_or_doubled(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # our own session only
             proc.wait()
-    text = output.decode(errors="replace")
-    assert proc.returncode == 0, text[-3000:]
+    return proc.returncode, output.decode(errors="replace"), killed
 
-    # Spark saw the worker die and ran the task again.
-    spark_log = (out / "logs" / "spark.log").read_text(encoding="utf-8", errors="replace")
-    assert "Lost task" in spark_log, f"worker {killed} was killed but no task was lost"
-    assert "Python worker exited unexpectedly (crashed)" in spark_log
 
-    # Every input row exactly once: the same ids as the input, counts reconcile.
+def _assert_every_row_once(out: Path, rows: list[dict]) -> None:
+    """Every input row exactly once: the same ids as the input, counts reconcile."""
     scores = pd.read_parquet(out / "scores.parquet")
     expected = {content_id(to_canonical(r, "alpaca").conversation) for r in rows}
     assert len(scores) == len(rows)
@@ -137,3 +130,45 @@ def test_killed_python_worker_task_is_retried_and_no_row_is_lost_or_doubled(
     counts = manifest["counts"]
     assert counts["input"] == len(rows) and counts["quarantined"] == 0
     assert counts["input"] == sum(counts["rejected"].values()) + counts["selected"]
+
+
+def test_killed_python_worker_task_is_retried_and_no_row_is_lost_or_doubled(
+    tmp_path: Path, alpaca_rows: list[dict]
+) -> None:
+    rows = alpaca_rows
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "run"
+    code, text, killed = _run_killing_a_worker(_select(source, out), out)
+    assert code == 0, text[-3000:]
+
+    # Spark saw the worker die and ran the task again.
+    spark_log = (out / "logs" / "spark.log").read_text(encoding="utf-8", errors="replace")
+    assert "Lost task" in spark_log, f"worker {killed} was killed but no task was lost"
+    assert "Python worker exited unexpectedly (crashed)" in spark_log
+    _assert_every_row_once(out, rows)
+
+
+def test_without_retries_the_death_is_named_and_the_same_command_resumes(
+    tmp_path: Path, alpaca_rows: list[dict]
+) -> None:
+    """`local[2,1]` (no retry): the run ends with exit 7 and one line naming the stage and the
+    dead worker, no traceback on the console; the same command then completes, every row once."""
+    from engine.cli import EXIT_WORKER_LOST
+
+    rows = alpaca_rows
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    config = tmp_path / "job.yaml"
+    config.write_text('spark: {master: "local[2,1]"}\n', encoding="utf-8")
+    out = tmp_path / "run"
+    command = _select(source, out, config)
+    code, text, _ = _run_killing_a_worker(command, out)
+    assert code == EXIT_WORKER_LOST, text[-3000:]
+    assert "winnow: ingest: a Spark Python worker crashed, and tasks are not retried" in text
+    assert "Traceback" not in text and "Py4JJavaError" not in text
+    log = (out / "logs" / "winnow.log").read_text(encoding="utf-8")
+    assert "Python worker exited unexpectedly" in log  # the traceback went to the run's log
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    _assert_every_row_once(out, rows)

@@ -114,7 +114,7 @@ def public_outputs(out: str | Path) -> dict[str, tuple[int, int]]:
     return found
 
 
-def _log_traceback(out: str | Path, exc: BaseException) -> None:
+def log_traceback(out: str | Path, exc: BaseException) -> None:
     """The traceback goes to the run's log, not the console; best effort (the disk is full)."""
     try:
         with open(Path(out) / "logs" / "winnow.log", "a", encoding="utf-8") as handle:
@@ -130,7 +130,7 @@ def disk_full_message(exc: BaseException, out: str | Path, before: dict) -> str 
     hit = disk_full_error(exc, out)
     if hit is None:
         return None
-    _log_traceback(out, exc)
+    log_traceback(out, exc)
     path, reason = hit
     # Outputs are replaced atomically, one by one: a stage that completed before the failure
     # (select, say, before export hit the limit) has replaced its own. Said, never hidden.
