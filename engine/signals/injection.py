@@ -27,9 +27,9 @@ Families (`Flag.family`), each about the grader, its score or its instructions, 
                    `SYSTEM:` line in a response (response only);
   fence_marker     the judge fence's own markers (`RESPONSE>>>`, `<<<INSTRUCTION`) or look-alikes
                    (other angle characters, `≫`, zero-width characters between the angles)
-                   in record text. The fence already rewrites runs of angle-like characters
-                   (`engine.signals.judge.neutralise`), but not ones split by zero-width
-                   characters nor `≫`/`⋙`; a row that tries either is flagged anyway.
+                   in record text. The fence rewrites such runs inside record text
+                   (`engine.signals.judge.neutralise`, zero-width splits and `≫`/`⋙`
+                   included), so they cannot end a fence; a row that tries is flagged anyway.
 
 False positives: none of the 9,229 Alpaca and 2,996 Dolly rows of ../shared match
 (tests/test_injection.py checks it on every run); the ShareGPT count is in the README.
