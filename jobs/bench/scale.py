@@ -34,26 +34,16 @@ from typing import Any
 
 import psutil
 
+try:  # the same word-level edits the MinHash benchmark plants its near-duplicates with
+    from jobs.bench.minhash_throughput import perturb
+except ImportError:  # run as a script from jobs/bench
+    from minhash_throughput import perturb  # type: ignore[no-redef]
+
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
 TARGET_SECONDS = 30 * 60
 TARGET_DRIVER_BYTES = 8 * 1024**3
 GIB = 1024**3
-
-
-def perturb(text: str, rng: random.Random) -> str:
-    """About one word-level edit per 40 words (at least one): replace, delete or swap."""
-    tokens = text.split(" ")
-    for _ in range(max(1, len(tokens) // 40)):
-        i = rng.randrange(len(tokens))
-        op = rng.choice(("replace", "delete", "swap"))
-        if op == "replace":
-            tokens[i] = rng.choice(tokens)
-        elif op == "delete" and len(tokens) > 1:
-            del tokens[i]
-        elif i + 1 < len(tokens):
-            tokens[i], tokens[i + 1] = tokens[i + 1], tokens[i]
-    return " ".join(tokens)
 
 
 def read_sharegpt(limit: int) -> list[dict[str, Any]]:
