@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -246,3 +247,17 @@ def test_two_workers_keep_the_global_batch_and_a_killed_training_resumes(
     assert result["train_rows"] == 12
     assert result["epochs"] == pytest.approx(4 * 4 / result["train_examples"])
     assert (Path(result["model_dir"]) / "winnow_train.json").is_file()
+
+    # Killed after the last checkpoint, before the merge: the next run takes that checkpoint
+    # as it is (HF's loop would train a fifth step, as a CI run of the fault chain once did).
+    assert _last_checkpoint_step(out / "train" / "ddp" / "run") == 4
+    shutil.rmtree(out / "models" / "ddp")
+    (out / "train" / "ddp" / "loss.json").unlink()
+    third = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert third.returncode == 0, third.stderr[-3000:]
+    again = json.loads(third.stdout.split("RESULT ", 1)[1])
+    assert again["resumed_from_step"] == 4 and again["steps"] == 4
+    assert again["train"] == result["train"] and again["eval"] == result["eval"]
+    assert (Path(again["model_dir"]) / "winnow_train.json").is_file()

@@ -580,9 +580,19 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             hf_checkpoint = os.path.join(folder, RayTrainReportCallback.CHECKPOINT_NAME)
-            with open(os.path.join(hf_checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            state_file = os.path.join(hf_checkpoint, "trainer_state.json")
+            with open(state_file, encoding="utf-8") as f:
                 resumed_from = int(json.load(f)["global_step"])
-            trainer.train(resume_from_checkpoint=hf_checkpoint)
+            if resumed_from >= config["steps"]:
+                # Killed after the last checkpoint, before the driver finished. HF's loop
+                # checks max_steps only after a step, so resuming here would train one step
+                # more than asked (measured: 3 of max_steps 2): take the checkpoint as is.
+                from transformers import TrainerState
+
+                trainer._load_from_checkpoint(hf_checkpoint)
+                trainer.state = TrainerState.load_from_json(state_file)
+            else:
+                trainer.train(resume_from_checkpoint=hf_checkpoint)
     else:
         trainer.train()
     state = trainer.state
