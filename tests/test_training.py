@@ -81,16 +81,24 @@ def test_stage_trains_each_arm_merges_and_skips_on_rerun(
     from engine.models import resolve_model
 
     data, out = selected_run
-    job = _job(data, eval={"arms": ["selected", "random"]}, stages={"train": RECIPE})
+    # One trained arm (test_compare.py trains two through `winnow compare`); both arms' rows.
+    job = _job(
+        data,
+        eval={"arms": ["selected"], "base_model": True, "baseline": "base"},
+        stages={"train": RECIPE},
+    )
     run = RunDir(out)
     scores = pd.read_parquet(run.scores)
-    info = run_stage("train", job, run)
-
-    base = resolve_model("builtin:smollm2-135m")
-    name = "model.layers.0.self_attn.q_proj.weight"
     for arm, column in (("selected", "selected"), ("random", "random_baseline")):
         rows = arm_rows(run, arm)
         assert [i for i, _ in rows] == sorted(scores.loc[scores[column], "id"])
+    info = run_stage("train", job, run)
+    assert set(info["arms"]) == {"selected"}
+    assert not (run.evaluation / "train" / "random").exists()
+
+    base = resolve_model("builtin:smollm2-135m")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    for arm in ("selected",):
         loss = json.loads((run.evaluation / "train" / arm / "loss.json").read_text())
         assert loss["arm"] == arm and loss["steps"] == 3 and loss["rows"] == 12
         assert loss["train_rows"] == 9 and loss["eval_rows"] == 3
@@ -129,7 +137,7 @@ def test_stage_trains_each_arm_merges_and_skips_on_rerun(
     model_file = run.evaluation / "models" / "selected" / "model.safetensors"
     before = model_file.stat().st_mtime_ns
     again = run_stage("train", job, run)
-    assert all(again["arms"][arm]["skipped"] for arm in ("selected", "random"))
+    assert again["arms"]["selected"]["skipped"]
     assert (
         again["arms"]["selected"]["final_eval_loss"] == info["arms"]["selected"]["final_eval_loss"]
     )
