@@ -19,11 +19,13 @@ from hypothesis import strategies as st
 
 from engine.config import parse_job
 from engine.runtime.rundir import RunDir
+from engine.selection.groups import connected_components
 from engine.signals.minhash import (
     EMPTY,
     MERSENNE_61,
     band_keys,
     banding_errors,
+    bucket_pairs,
     candidate_probability,
     estimate_jaccard,
     exact_jaccard,
@@ -32,9 +34,12 @@ from engine.signals.minhash import (
     optimal_banding,
     shingle_hashes,
     signatures,
+    signatures_from_shingles,
+    verify_pairs,
+    word_bytes,
     words,
 )
-from engine.stages.minhash import NearDupSpec
+from engine.stages.minhash import NearDupSpec, candidate_pairs, cluster_column
 from tests.support.stages import run_stage
 
 P61 = (1 << 61) - 1
@@ -62,6 +67,104 @@ def test_words_and_shingles() -> None:
     sig, has = signatures(["one two three", "three two one", "ONE, two; Three."], 3, 64)
     assert has.tolist() == [True, True, True]
     assert not np.array_equal(sig[0], sig[1]) and np.array_equal(sig[0], sig[2])
+
+
+_EDGES = [0, 1, (1 << 61) - 2, (1 << 61) - 1, 1 << 61, (1 << 64) - 1, 0xFFFFFFFF, 1 << 32]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.one_of(st.sampled_from(_EDGES), st.integers(0, (1 << 64) - 1)), max_size=300),
+    st.lists(st.integers(0, 300), max_size=6),
+)
+def test_compiled_kernel_equals_numpy(hashes: list[int], cuts: list[int]) -> None:
+    """The numba kernel computes exactly the numpy reference's signatures (empty rows too)."""
+    values = np.array(hashes, dtype=np.uint64)
+    offsets = np.array([0, *sorted(min(c, len(hashes)) for c in cuts), len(hashes)])
+    reference = signatures_from_shingles(values, offsets, 64, compiled=False, chunk_elements=512)
+    np.testing.assert_array_equal(signatures_from_shingles(values, offsets, 64), reference)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.text(),
+        st.text(alphabet=st.characters(max_codepoint=127)),
+        st.text(alphabet="aZ9_ -.,'\t\nﬁＡé"),
+    )
+)
+def test_word_bytes_equal_words(text: str) -> None:
+    """The ASCII fast path splits exactly as NFKC + lowercase + the regex do."""
+    assert word_bytes(text) == [w.encode("utf-8") for w in words(text)]
+
+
+def _bucket_pairs_reference(keys: np.ndarray, window: int):
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for member, row in enumerate(keys.tolist()):
+        for band, key in enumerate(row):
+            buckets.setdefault((band, key), []).append(member)
+    pairs, capped, skipped = set(), 0, 0
+    for members in buckets.values():
+        size = len(members)
+        for i in range(size):
+            for j in range(i + 1, min(size, i + window + 1)):
+                pairs.add((members[i], members[j]))
+        if size > window + 1:
+            capped += 1
+            skipped += size * (size - 1) // 2 - sum(min(window, size - 1 - i) for i in range(size))
+    return sorted(pairs), capped, skipped
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(-2, 2), min_size=3, max_size=3), max_size=40),
+    st.integers(1, 5),
+)
+def test_bucket_pairs_match_reference(rows: list[list[int]], window: int) -> None:
+    """Vectorised bucket pairing = pairing each bucket's members (by rank) with the next
+    `window`, deduplicated; capped buckets and skipped pairs counted alike."""
+    keys = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    left, right, capped, skipped = bucket_pairs(keys, window)
+    expected, want_capped, want_skipped = _bucket_pairs_reference(keys, window)
+    assert list(zip(left.tolist(), right.tolist(), strict=True)) == expected
+    assert (capped, skipped) == (want_capped, want_skipped)
+
+
+def test_driver_candidates_verify_and_clusters() -> None:
+    """ids in any order: pairs, the Jaccard check and cluster names depend on ids only."""
+    import pyarrow as pa
+
+    texts = [
+        "the quick brown fox jumps over the lazy dog near the river bank today",
+        "the quick brown fox jumps over the lazy dog near the river bank today",
+        "a completely different sentence about cooking pasta with tomato sauce",
+        "the quick brown fox jumps over the lazy dog near the river bank tonight",
+        "",
+    ]
+    ids = pa.array(["e", "c", "a", "b", "d"])  # row 0 is "e", row 1 is "c", ...
+    sig, has = signatures(texts, 3, 128)
+    keys = band_keys(sig, 32)
+    lists = pa.ListArray.from_arrays(
+        pa.array(np.concatenate([[0], np.cumsum(has * 32)]).astype(np.int32)),
+        pa.array(keys[has].reshape(-1).view(np.int64)),
+    )
+    order, left, right, capped, skipped = candidate_pairs(ids, lists, 100)
+    assert order.tolist() == [2, 3, 1, 4, 0] and (capped, skipped) == (0, 0)
+    assert {frozenset(p) for p in zip(left.tolist(), right.tolist(), strict=True)} >= {
+        frozenset((0, 1))
+    }
+    # Left is always the smaller id.
+    assert all(ids[a].as_py() < ids[b].as_py() for a, b in zip(left, right, strict=True))
+    ok_left, ok_right, jaccard = verify_pairs(sig, left, right, 0.7)
+    np.testing.assert_array_equal(jaccard, estimate_jaccard(sig[ok_left], sig[ok_right]))
+    assert (jaccard >= 0.7).all()
+    expected = estimate_jaccard(sig[left], sig[right]) >= 0.7
+    assert ok_left.size == int(expected.sum())
+    cluster = cluster_column(ids, order, ok_left, ok_right).to_pylist()
+    # Rows 0, 1, 3 ("e", "c", "b": 11 shingles, 10 shared) are one cluster named by "b".
+    assert cluster == ["b", "b", None, "b", None]
+    labels = connected_components(len(texts), ok_left, ok_right)
+    assert labels[0] == labels[1] == labels[3] != labels[2]
 
 
 def test_signature_does_not_depend_on_the_batch() -> None:

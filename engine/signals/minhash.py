@@ -3,7 +3,10 @@
 Every function here is deterministic across processes and machines (blake2b word hashes, seeded
 permutations, no Python `hash()`), so Spark workers on any partitioning compute the same
 signatures. The arithmetic of one batch is vectorised: only text normalisation and the hashing of
-each distinct word of a batch are Python loops.
+each distinct word of a batch are Python loops. Speed (19k Alpaca rows, 1.1M shingles, one core):
+ASCII texts skip NFKC and the regex (`word_bytes`, same words), Arrow deduplicates the batch's
+words, and the signature is one fused numba loop (`_signatures_kernel`, the same exact arithmetic
+as the numpy `_permute_min`, which stays as the fallback and the tests' reference): 6.2 s -> 1.4 s.
 
 - words: NFKC, lowercase, every run of non-word characters (punctuation, symbols, `_`) is a space.
 - shingles: the `k`-word windows of a text; a text of 1..k-1 words is one shingle of all its
@@ -19,6 +22,9 @@ each distinct word of a batch are Python loops.
   that minimise w_fp * (integral of that probability over J in [0, t]) + w_fn * (integral of
   its complement over [t, 1]), searched in datasketch's order (bands ascending, then rows) with
   its first-minimum rule, as datasketch's `MinHashLSH` (`lsh._optimal_param`) chooses them.
+- candidates (`bucket_pairs`): per band, the members sharing a key, each paired with the next
+  `window` members in id order (the cap against boilerplate buckets); `verify_pairs` keeps the
+  pairs whose signature estimate reaches the threshold.
 """
 
 from __future__ import annotations
@@ -26,11 +32,12 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 # near_dup_cluster: the smallest id of the record's connected component of near-duplicate pairs,
 # null for a record with no near-duplicate. Which member is kept is decided at selection time.
@@ -53,9 +60,24 @@ def words(text: str) -> list[str]:
     return _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text or "").lower()).split()
 
 
-def word_hash(word: str) -> int:
-    """Stable 64-bit hash of one word (blake2b), identical in every process."""
-    return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
+# ASCII letters and digits are the only ASCII word characters once `_` is a separator, and NFKC
+# leaves ASCII text unchanged: so for an ASCII text, `words` is a byte translation and a split.
+_ASCII_SEPARATORS = bytes(
+    c if (48 <= c <= 57 or 65 <= c <= 90 or 97 <= c <= 122) else 32 for c in range(256)
+)
+
+
+def word_bytes(text: str) -> list[bytes]:
+    """`words(text)` UTF-8 encoded; ASCII texts (most) skip NFKC and the regex: 3x faster."""
+    if text and text.isascii():
+        return text.encode("ascii").lower().translate(_ASCII_SEPARATORS).split()
+    return [w.encode("utf-8") for w in words(text)]
+
+
+def word_hash(word: str | bytes) -> int:
+    """Stable 64-bit hash of one word (blake2b of its UTF-8), identical in every process."""
+    data = word if isinstance(word, bytes) else word.encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 def _mix64(values: np.ndarray) -> np.ndarray:
@@ -68,16 +90,26 @@ def _mix64(values: np.ndarray) -> np.ndarray:
 
 
 def hash_words(texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(flat uint64 word hashes, row offsets): each distinct word of the batch is hashed once."""
-    table: dict[str, int] = {}
-    codes: list[int] = []
+    """(flat uint64 word hashes, row offsets): each distinct word of the batch is hashed once.
+
+    The words of the batch are deduplicated by Arrow's dictionary encoding (C), not a Python
+    dict per word: 1.36 s -> 0.5 s for the 1.2M words of 19k Alpaca rows.
+    """
+    flat: list[bytes] = []
     offsets = [0]
     for text in texts:
-        for word in words(text):
-            codes.append(table.setdefault(word, len(table)))
-        offsets.append(len(codes))
-    distinct = np.fromiter((word_hash(w) for w in table), dtype=np.uint64, count=len(table))
-    return distinct[np.asarray(codes, dtype=np.int64)], np.asarray(offsets, dtype=np.int64)
+        flat.extend(word_bytes(text))
+        offsets.append(len(flat))
+    if not flat:
+        return np.zeros(0, dtype=np.uint64), np.asarray(offsets, dtype=np.int64)
+    encoded = pc.dictionary_encode(pa.array(flat, pa.binary()))
+    distinct = np.fromiter(
+        (word_hash(w) for w in encoded.dictionary.to_pylist()),
+        dtype=np.uint64,
+        count=len(encoded.dictionary),
+    )
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    return distinct[codes], np.asarray(offsets, dtype=np.int64)
 
 
 def shingle_hashes(
@@ -161,17 +193,97 @@ def _permute_min(
     return one
 
 
+def _signatures_numpy(
+    x: np.ndarray,
+    row_of: np.ndarray,
+    a_hi: np.ndarray,
+    a_lo: np.ndarray,
+    b: np.ndarray,
+    signature: np.ndarray,
+    chunk_elements: int,
+) -> None:
+    """The vectorised fallback (no numba): chunks of shingles against every permutation."""
+    num_perm = signature.shape[1]
+    step = max(1, chunk_elements // num_perm)
+    buffers = [np.empty((step, num_perm), dtype=np.uint64) for _ in range(3)]
+    column = x[:, None]
+    for lo in range(0, x.size, step):
+        hi = min(x.size, lo + step)
+        values = _permute_min(column[lo:hi], a_hi, a_lo, b, buffers)
+        owners = row_of[lo:hi]
+        starts = np.flatnonzero(np.concatenate([[True], owners[1:] != owners[:-1]]))
+        which = owners[starts]
+        signature[which] = np.minimum(signature[which], np.minimum.reduceat(values, starts, axis=0))
+
+
+def _signatures_kernel(
+    x: np.ndarray,
+    offsets: np.ndarray,
+    a_hi: np.ndarray,
+    a_lo: np.ndarray,
+    b: np.ndarray,
+    signature: np.ndarray,
+) -> None:  # pragma: no cover - compiled by numba; the numpy path is the reference in tests
+    """`_permute_min` fused with the minimum, one row at a time, in registers (numba).
+
+    The same exact arithmetic (identical signatures), without the ~20 full-size temporaries
+    per chunk: 4.4 s -> 0.5 s for the 1.1M shingles x 128 permutations of 19k Alpaca rows.
+    """
+    p = np.uint64((1 << 61) - 1)
+    m32 = np.uint64(0xFFFFFFFF)
+    m29 = np.uint64((1 << 29) - 1)
+    s3, s29, s32, s61 = np.uint64(3), np.uint64(29), np.uint64(32), np.uint64(61)
+    num_perm = a_hi.shape[0]
+    for row in range(offsets.shape[0] - 1):
+        out = signature[row]
+        for i in range(offsets[row], offsets[row + 1]):
+            v = x[i]
+            x_hi = v >> s32
+            x_lo = v & m32
+            for j in range(num_perm):
+                high = (a_hi[j] * x_hi) << s3
+                middle = x_lo * a_hi[j] + x_hi * a_lo[j]
+                low = x_lo * a_lo[j]
+                total = (
+                    high
+                    + (middle >> s29)
+                    + ((middle & m29) << s32)
+                    + (low & p)
+                    + (low >> s61)
+                    + b[j]
+                )
+                total = (total & p) + (total >> s61)
+                if total >= p:
+                    total -= p
+                if total < out[j]:
+                    out[j] = total
+
+
+@lru_cache(maxsize=1)
+def _compiled_kernel() -> Callable[..., None] | None:
+    """The numba build of `_signatures_kernel` (cached on disk: a Spark worker loads it in
+    ~0.1 s instead of compiling for ~1.5 s), or None without numba (numpy: same values, ~8x
+    slower). Imported lazily: numba costs ~1 s on import for processes that never sign."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is in the project's venv
+        return None
+    return numba.njit(cache=True, nogil=True)(_signatures_kernel)
+
+
 def signatures_from_shingles(
     hashes: np.ndarray,
     shingle_offsets: np.ndarray,
     num_perm: int,
     seed: int = DEFAULT_SEED,
     chunk_elements: int = 1 << 16,
+    compiled: bool = True,
 ) -> np.ndarray:
     """(rows, num_perm) uint64 MinHash signatures; a row with no shingle is all EMPTY.
 
-    Shingles are processed in chunks of about `chunk_elements` hash values, so memory stays flat
-    (and in cache) however long a text is.
+    compiled (and numba importable): the fused kernel; otherwise numpy, in chunks of about
+    `chunk_elements` hash values so memory stays flat (and in cache) however long a text is.
+    Both compute the same exact values.
     """
     rows = len(shingle_offsets) - 1
     signature = np.full((rows, num_perm), EMPTY, dtype=np.uint64)
@@ -179,18 +291,14 @@ def signatures_from_shingles(
         return signature
     a, b = permutations(num_perm, seed)
     a_hi, a_lo = a >> np.uint64(32), a & _MASK32
-    counts = np.diff(shingle_offsets)
-    row_of = np.repeat(np.arange(rows), counts)
-    x = _mod61(hashes)[:, None]
-    step = max(1, chunk_elements // num_perm)
-    buffers = [np.empty((step, num_perm), dtype=np.uint64) for _ in range(3)]
-    for lo in range(0, hashes.size, step):
-        hi = min(hashes.size, lo + step)
-        values = _permute_min(x[lo:hi], a_hi, a_lo, b, buffers)
-        owners = row_of[lo:hi]
-        starts = np.flatnonzero(np.concatenate([[True], owners[1:] != owners[:-1]]))
-        which = owners[starts]
-        signature[which] = np.minimum(signature[which], np.minimum.reduceat(values, starts, axis=0))
+    x = _mod61(hashes)
+    kernel = _compiled_kernel() if compiled else None
+    if kernel is not None:
+        offsets = np.ascontiguousarray(shingle_offsets, dtype=np.int64)
+        kernel(np.ascontiguousarray(x), offsets, a_hi, a_lo, b, signature)
+        return signature
+    row_of = np.repeat(np.arange(rows), np.diff(shingle_offsets))
+    _signatures_numpy(x, row_of, a_hi, a_lo, b, signature, chunk_elements)
     return signature
 
 
@@ -291,3 +399,75 @@ def exact_jaccard(text_a: str, text_b: str, shingle_words: int) -> float:
         sets.append(set(shingle_hashes(word_hashes, offsets, shingle_words)[0].tolist()))
     union = sets[0] | sets[1]
     return len(sets[0] & sets[1]) / len(union) if union else 0.0
+
+
+def bucket_pairs(keys: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Candidate pairs from LSH buckets: (left, right, capped buckets, skipped pairs).
+
+    keys: (members, bands) band keys, members in rank (id) order; left and right are member
+    indices, left < right. Each band's column is a bucket table: members sharing a key in a band
+    share a bucket. Within a bucket, members in rank order are each paired with the next
+    `window` members, so a bucket of up to window + 1 members yields all its pairs and a bigger
+    one about size * window: the cap against boilerplate. Pairs are distinct.
+
+    One quicksort per band finds the buckets; only members of shared buckets are then ordered
+    by (bucket, rank): 10x faster than a 3-key lexsort over every (member, band) at 100k rows.
+    """
+    members = keys.shape[0]
+    empty = np.zeros(0, dtype=np.int64)
+    if members < 2:
+        return empty, empty, 0, 0
+    columns = np.ascontiguousarray(keys.T)  # (bands, members)
+    order = np.argsort(columns, axis=1)
+    ordered = np.take_along_axis(columns, order, axis=1)
+    same = ordered[:, 1:] == ordered[:, :-1]
+    shared = np.zeros(ordered.shape, dtype=bool)
+    shared[:, 1:] |= same
+    shared[:, :-1] |= same
+    opens = shared.copy()  # first member of each shared bucket
+    opens[:, 1:] &= ~same
+    bucket = np.cumsum(opens.reshape(-1))[shared.reshape(-1)] - 1
+    if bucket.size == 0:
+        return empty, empty, 0, 0
+    member = order.reshape(-1)[shared.reshape(-1)].astype(np.int64)
+    code = np.sort(bucket * members + member)  # by bucket, then rank
+    member = code % members
+    first = np.ones(code.size, dtype=bool)
+    first[1:] = (code[1:] // members) != (code[:-1] // members)
+    starts = np.flatnonzero(first)
+    sizes = np.diff(np.append(starts, code.size))
+    end = np.repeat(starts + sizes, sizes)  # one past the last member of each one's bucket
+    lefts, rights = [], []
+    at = np.arange(code.size)
+    for step in range(1, window + 1):
+        at = at[at + step < end[at]]
+        if at.size == 0:
+            break
+        lefts.append(member[at])
+        rights.append(member[at + step])
+    codes = np.unique(np.concatenate(lefts) * members + np.concatenate(rights))
+    big = sizes[sizes > window + 1].astype(np.int64)
+    skipped = big * (big - 1) // 2 - (window * (big - window) + window * (window - 1) // 2)
+    return codes // members, codes % members, int(big.size), int(skipped.sum())
+
+
+def verify_pairs(
+    signature: np.ndarray,
+    left: np.ndarray,
+    right: np.ndarray,
+    threshold: float,
+    chunk: int = 1 << 14,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(left, right, Jaccard estimate) of the pairs of signature rows whose estimate reaches
+    threshold; in chunks of pairs so the gathered rows stay small."""
+    keep_left, keep_right, keep_jaccard = [], [], []
+    for lo in range(0, left.size, chunk):
+        a, b = left[lo : lo + chunk], right[lo : lo + chunk]
+        jaccard = estimate_jaccard(signature[a], signature[b])
+        ok = jaccard >= threshold
+        keep_left.append(a[ok])
+        keep_right.append(b[ok])
+        keep_jaccard.append(jaccard[ok])
+    if not keep_left:
+        return left[:0], right[:0], np.zeros(0)
+    return np.concatenate(keep_left), np.concatenate(keep_right), np.concatenate(keep_jaccard)

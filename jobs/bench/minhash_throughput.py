@@ -4,9 +4,10 @@ The corpus is the Alpaca 9k sample replicated to ~100k rows; every replica after
 word-level perturbations (about one edit per 40 words: replace, delete or swap), so each row has
 about ten near-duplicates and few exact ones. Both sides start from the ingested `records/` and
 use the conversation text in 5-word shingles with threshold 0.7:
-- Winnow: the minhash stage (signatures by mapInArrow, the spec's banding (default: optimal for the
-  threshold), bucket self-join, Jaccard verified on the same signatures, components on the
-  driver), on all rows and on a subset;
+- Winnow: the minhash stage (signatures and band keys by mapInArrow with the spec's banding
+  (default: optimal for the threshold); buckets, the Jaccard check on the same signatures and
+  components in numpy on the driver), on all rows and on a subset; the stage's phase times are
+  printed (where its time goes);
 - Spark ML: RegexTokenizer -> NGram(5) -> HashingTF(binary) -> MinHashLSH(numHashTables) ->
   approxSimilarityJoin(distance <= 0.3), on the subset only when it is much slower (said in the
   output), and without the grouping step.
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 from engine.config import parse_job
 from engine.runtime.rundir import RunDir
 from engine.runtime.spark import spark_session
+from engine.stages.registry import quiet_context
 from engine.stages.registry import run_alone as run_stage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -145,12 +147,14 @@ def main() -> None:
             f"threshold {spec.threshold}"
         )
 
+        ctx = quiet_context("minhash", job, full, spark)
         start = time.perf_counter()
-        info = run_stage("minhash", job, full, spark)
+        info = ctx.stage.run(ctx)
         full_s = time.perf_counter() - start
         print(
             f"winnow banding, all rows: {info['rows'] / full_s:.0f} rows/s ({full_s:.1f}s) {info}"
         )
+        print(f"phases (s): {ctx.phases}")
 
         small = subset_run(full, work / "subset", args.subset)
         start = time.perf_counter()
