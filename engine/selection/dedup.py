@@ -1,25 +1,23 @@
 """Semantic duplicates: groups of rows whose embeddings are within a cosine threshold.
 
-A group is a connected component of the graph "i ~ j iff cos(i, j) >= threshold", found with a
-FAISS k-nearest-neighbour search of every row against all rows (SemDeDup-style: exact flat
-search for small inputs, IVF k-means partitions for large ones).
-
-Recall trade-off: each row asks for its `k` nearest neighbours and keeps those at or above the
-threshold. A row whose k-th neighbour still passes the threshold may have more, so it is searched
-again with 4x as many neighbours, repeatedly, up to `max_k` (4,096): flat search is therefore exact
-for every group in which no row has more than `max_k` above-threshold neighbours (and even then the
-group stays connected through the edges found). IVF adds the usual approximation: a neighbour in a
-list that the query does not probe (`nprobe` of ~4*sqrt(n) lists) is missed, which for duplicate-
-level similarities (>= 0.9) is rare because near-identical vectors fall in the same or adjacent
-k-means cells; a pair missed in one direction is often found from the other row.
+A group is a connected component of the graph "i ~ j iff cos(i, j) >= threshold" (cosine in
+float64 of the float32 vectors). The graph comes from `threshold_join`: for index "flat" every
+pair is compared (blocked bf16/fp32 GEMM as a filter with a proven error margin, then an exact
+check), so the graph is exact, with no neighbour limit (the former FAISS kNN search stopped
+widening at 4,096 neighbours). For index "ivf" (SemDeDup-style) rows are compared only with the
+members of their `nprobe` nearest k-means lists: a pair is missed only when neither row probes
+the other's list, which for duplicate-level similarities (>= 0.9) is rare because near-identical
+vectors fall in the same or adjacent cells; recall against the exact graph is measured by
+jobs/bench/diversity_scale.py. Pairs it does return are exact.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from engine.selection.faiss_index import as_float32, build_index, knn_search
+from engine.selection.faiss_index import as_float32
 from engine.selection.groups import connected_components, keep_best
+from engine.selection.threshold_join import dense_pairs, partitioned_pairs
 
 MAX_NEIGHBOURS = 4_096
 
@@ -44,29 +42,22 @@ def threshold_edges(
     nprobe: int = 8,
     max_k: int = MAX_NEIGHBOURS,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Undirected edges (left < right) between rows with cosine >= threshold, via kNN search."""
+    """Undirected edges (left < right) between rows with cosine >= threshold.
+
+    "flat": every pair (`threshold_join.dense_pairs`, exact). "ivf": pairs within shared probed
+    k-means lists (`threshold_join.partitioned_pairs`). Both check each pair in float64. `k` and
+    `max_k` are kept for callers of the former kNN search and no longer limit anything.
+    """
+    del k, max_k
+    if index not in ("auto", "flat", "ivf"):
+        raise ValueError(f"index must be auto, flat or ivf, not {index!r}")
     data, _ = _finite_rows(vectors)
     n = len(data)
     if n < 2:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-    faiss_index = build_index(data, index, flat_max_rows, seed=seed, nprobe=nprobe)
-    lefts, rights = [], []
-    rows = np.arange(n, dtype=np.int64)
-    want = min(k + 1, n)  # +1: a row finds itself
-    while rows.size:
-        sims, labels = knn_search(faiss_index, data[rows], want)
-        hit = (sims >= threshold) & (labels >= 0) & (labels != rows[:, None])
-        lefts.append(np.repeat(rows, hit.sum(axis=1)))
-        rights.append(labels[hit])
-        if want >= n or want >= max_k:
-            break
-        # Rows whose last neighbour still passes may have more: search them again, wider.
-        rows = rows[(sims[:, -1] >= threshold) & (labels[:, -1] >= 0)]
-        want = min(want * 4, n, max_k)
-    left, right = np.concatenate(lefts), np.concatenate(rights)
-    low, high = np.minimum(left, right), np.maximum(left, right)
-    pairs = np.unique(np.stack([low, high], axis=1), axis=0) if low.size else np.empty((0, 2))
-    return pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
+    if index == "flat" or (index == "auto" and n <= flat_max_rows):
+        return dense_pairs(data, threshold)
+    return partitioned_pairs(data, threshold, nprobe=nprobe, seed=seed)
 
 
 def semantic_groups(
@@ -81,8 +72,9 @@ def semantic_groups(
     """Group label per row (int64, the smallest row index of its group); -1 for a row with no
     neighbour at cosine >= threshold. Rows with non-finite vectors are never grouped.
 
-    index: "flat" exact search, "ivf" IVF-Flat (nlist ~ 4*sqrt(n), `nprobe` lists probed), "auto"
-    flat up to `flat_max_rows` rows, IVF above. See the module docstring for recall.
+    index: "flat" exact (every pair), "ivf" k-means lists (nlist = min(4 sqrt(n), sqrt(n nprobe)),
+    `nprobe` probed per row), "auto" flat up to `flat_max_rows` rows, IVF above. See the module
+    docstring for recall.
     """
     n = len(vectors)
     left, right = threshold_edges(vectors, threshold, index, flat_max_rows, seed, k, nprobe)

@@ -238,15 +238,28 @@ def submodlib_euclidean_kernel(rows: np.ndarray, columns: np.ndarray) -> np.ndar
     """submodlib's dense "euclidean" similarity exp(-||a - b|| / dim) as float32, the way its
     C++ `create_square_kernel_dense` stores it (float32, so the LazyGreedy gains built from it
     are exact sums). Distances in float64 from the Gram matrix; a distance that rounds to 0 (the
-    diagonal, exact duplicates) gives 1.0 as the reference's diagonal does."""
+    diagonal, exact duplicates) gives 1.0 as the reference's diagonal does.
+
+    Computed in row blocks with in-place operations in the same order as the one-shot formula
+    (so the same values): at 4,000 x 4,000 the one-shot version spent 11.5 of its 15 s on passes
+    over 128 MB float64 temporaries (load ~13), the blocks stay in cache."""
     a = rows.astype(np.float64)
     b = columns.astype(np.float64)
-    squared = (
-        np.einsum("ij,ij->i", a, a)[:, None] + np.einsum("ij,ij->i", b, b)[None, :] - 2.0 * a @ b.T
-    )
-    distance = np.sqrt(np.maximum(squared, 0.0))
+    row_norms = np.einsum("ij,ij->i", a, a)
+    column_norms = np.einsum("ij,ij->i", b, b)
     gamma = float(np.float32(1.0 / a.shape[1]))  # C++: float gamma = 1.0 / v1.size()
-    return np.exp(-distance * gamma).astype(np.float32)
+    kernel = np.empty((len(a), len(b)), dtype=np.float32)
+    step = max(1, 2**19 // max(len(b), 1))  # ~4 MB of float64 per block
+    for start in range(0, len(a), step):
+        stop = min(start + step, len(a))
+        block = row_norms[start:stop, None] + column_norms[None, :]
+        block -= 2.0 * (a[start:stop] @ b.T)
+        np.maximum(block, 0.0, out=block)
+        np.sqrt(block, out=block)
+        block *= -gamma  # == -(distance) * gamma: negation and the product commute exactly
+        np.exp(block, out=block)
+        kernel[start:stop] = block
+    return kernel
 
 
 def facility_location_select(
@@ -339,7 +352,8 @@ def _facility_columns(
         if m <= dense_max_rows:
             kernel = submodlib_euclidean_kernel(points, points)
             np.fill_diagonal(kernel, 1.0)  # as the C++ kernel sets it
-            return lambda j: (everyone, kernel[j].astype(np.float64))
+            # float32 columns: gains promote them to float64 exactly (no per-call copy).
+            return lambda j: (everyone, kernel[j])
 
         def fresh(j: int) -> tuple[np.ndarray | slice, np.ndarray]:
             column = submodlib_euclidean_kernel(points, points[j : j + 1])[:, 0]
