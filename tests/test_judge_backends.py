@@ -96,6 +96,29 @@ def test_batched_left_padding_matches_single(tf_judge, alpaca_rows: list) -> Non
             assert reply.score_logprobs[token] == pytest.approx(value, abs=1e-4)
 
 
+@pytest.mark.slow
+def test_shared_prefix_matches_whole_prompts(tf_judge, alpaca_rows: list, dolly_rows) -> None:
+    """The prefix run once and its KV cache reused gives what running each prompt whole gives:
+    the scale's log-probabilities and the greedy replies, expected-value and generating."""
+    conversations = _conversations(alpaca_rows, dolly_rows, 5, 2)
+    prompts = _prompts(ALPAGASUS, conversations) + _prompts(DEITA_QUALITY, conversations)[:3]
+    assert tf_judge.reuse_prefix
+    try:
+        tf_judge.always_generate = True
+        shared = tf_judge.judge(prompts, ALPAGASUS.score_tokens)
+        tf_judge.reuse_prefix = False
+        whole = tf_judge.judge(prompts, ALPAGASUS.score_tokens)
+    finally:
+        tf_judge.reuse_prefix, tf_judge.always_generate = True, False
+    for a, b in zip(shared, whole, strict=True):
+        assert set(a.score_logprobs) == set(b.score_logprobs) == set("012345")
+        for token, value in b.score_logprobs.items():
+            assert a.score_logprobs[token] == pytest.approx(value, abs=1e-4)
+    # greedy text can only differ where two tokens tie to float32 rounding
+    assert sum(a.text == b.text for a, b in zip(shared, whole, strict=True)) >= len(prompts) - 1
+    assert any(len(a.text) > 1 for a in shared)  # more than one token was generated
+
+
 def test_text_path_for_wide_scales(tf_judge, alpaca_rows: list) -> None:
     """A 1..10 scale has a two-token value: the backend generates text, which is parsed."""
     from engine.stages.judge import CustomJudgeSpec

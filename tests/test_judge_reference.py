@@ -21,6 +21,7 @@ from engine.models import resolve_model
 from engine.records import to_canonical
 from engine.signals.judge import (
     ALPAGASUS,
+    ALPAGASUS_REMINDER,
     DEITA_COMPLEXITY,
     DEITA_QUALITY,
     REASON_UNPARSED,
@@ -102,8 +103,10 @@ def test_alpagasus_fenced_prompt_keeps_the_papers_words(alpaca_rows: list[dict])
     assert system["content"].startswith(REF_SYSTEM + "\n\n")
     assert "INSTRUCTION, INPUT, RESPONSE or CONTEXT" in system["content"]
     text = user["content"]
-    assert text.startswith("###Instruction:\n<<<INSTRUCTION\n")
-    assert text.endswith("RESPONSE>>>\n\n" + REF_USER_PROMPT)
+    # Version 3: the paper's rating request first (a prefix every prompt shares), the fenced
+    # triplet, then a one-line reminder (the sandwich).
+    assert text.startswith(REF_USER_PROMPT + "###Instruction:\n<<<INSTRUCTION\n")
+    assert text.endswith("RESPONSE>>>\n\n" + ALPAGASUS_REMINDER)
     assert "\n\n### Input:\n<<<INPUT\n" in text and "\n\n### Response:\n<<<RESPONSE\n" in text
     assert text.count("<<<INPUT") == 1 and text.count(row["input"].split()[0]) >= 1
 

@@ -218,7 +218,8 @@ class VllmChatModel(VllmBackend):
     """Base of the vLLM judge and generator: the tokenizer (prompts are rendered here, as the
     transformers chat models do) and one engine of `max_length + max_new_tokens` positions;
     every prompt goes to the engine in one `LLM.generate` call. A subclass sets `max_length` and
-    `max_new_tokens`, then calls this constructor."""
+    `max_new_tokens`, then calls this constructor (`engine_args`: more `vllm.LLM` arguments,
+    such as the judge's `enable_prefix_caching`)."""
 
     name = "vllm"
     max_length: int
@@ -232,6 +233,7 @@ class VllmChatModel(VllmBackend):
         gpu_memory_utilization: float,
         trust_remote_code: bool,
         seed: int,
+        **engine_args: Any,
     ) -> None:
         self.tokenizer = hf.load_tokenizer(model_path, trust_remote_code)
         self._start_engine(
@@ -242,6 +244,7 @@ class VllmChatModel(VllmBackend):
             gpu_memory_utilization=gpu_memory_utilization,
             trust_remote_code=trust_remote_code,
             seed=seed,
+            **engine_args,
         )
 
     def _completions(

@@ -16,17 +16,46 @@ and change nothing). Otherwise (no score tokens asked: a judge scored by parsing
 `always_generate=True`) up to `max_new_tokens` tokens are decoded greedily. A prompt longer than
 `max_length` tokens is not run: its reply is empty (the turn becomes NaN, `judge_unparsed`).
 Runs on the CPU unless `use_gpu` (and torch sees a GPU).
+
+Shared prefix. A judge's prompts share their start: the chat template's header, the system
+message (hardening, datamark note) and the rubric, which the fenced prompts put before the row's
+fenced text. `judge` runs that common prefix once per call (`shared_prefix_length` tokens of
+every prompt in it, at least MIN_SHARED_PREFIX) and each batch continues from a copy of its KV
+cache expanded to the batch, so only each prompt's own suffix is computed. The suffixes are
+left-padded behind the prefix (the padding sits between prefix and suffix, masked out) with
+positions that continue the prefix's, so every real token sees exactly what it would alone.
+`reuse_prefix=False` runs every prompt whole (the reference path of the parity test).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from engine.backends.base import JudgeReply, Prompt
-from engine.backends.chat import TransformersChatModel, score_token_ids
+from engine.backends.chat import TransformersChatModel, render_prompts, score_token_ids
 
 log = logging.getLogger(__name__)
+
+# A shorter common prefix is not worth the cache copy per batch.
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Tokens every sequence starts with, at most the shortest one's length minus one (each
+    prompt keeps one token of its own: the logits come from its last position)."""
+    if not sequences:
+        return 0
+    first = sequences[0]
+    n = min(len(s) for s in sequences) - 1
+    for seq in sequences[1:]:
+        k = 0
+        while k < n and seq[k] == first[k]:
+            k += 1
+        n = k
+    return max(0, n)
 
 
 class TransformersJudge(TransformersChatModel):
@@ -43,8 +72,10 @@ class TransformersJudge(TransformersChatModel):
         num_threads: int | None = None,
         always_generate: bool = False,
         use_gpu: bool = False,
+        reuse_prefix: bool = True,
     ) -> None:
         self.always_generate = always_generate
+        self.reuse_prefix = reuse_prefix
         self.max_length, self.max_new_tokens = max_length, max_new_tokens
         self.max_batch_prompts = max(1, max_batch_prompts)
         super().__init__(model_path, dtype, trust_remote_code, num_threads, use_gpu)
@@ -54,11 +85,87 @@ class TransformersJudge(TransformersChatModel):
         self._check_open()
         token_ids = score_token_ids(self.tokenizer, score_tokens)
         generate = self.always_generate or not token_ids
-        return self._run_batches(
-            prompts,
-            lambda sequences: self._batch(sequences, token_ids, generate),
-            lambda: JudgeReply("", None),
+        if not self.reuse_prefix:
+            return self._run_batches(
+                prompts,
+                lambda sequences: self._batch(sequences, token_ids, generate),
+                lambda: JudgeReply("", None),
+            )
+        return self._run_shared(prompts, token_ids, generate)
+
+    def _run_shared(
+        self, prompts: Sequence[Prompt], token_ids: dict[str, int], generate: bool
+    ) -> list[JudgeReply]:
+        """`judge` with the common prefix run once (see the module docstring): batches of at
+        most `max_batch_prompts`, shortest first, each continuing from the prefix's KV cache."""
+        import torch
+
+        encoded, todo = render_prompts(self.tokenizer, prompts, self.max_length)
+        replies = [JudgeReply("", None) for _ in prompts]
+        order = sorted(todo, key=lambda i: len(encoded[i]))
+        width = shared_prefix_length([encoded[i] for i in todo])
+        if width < MIN_SHARED_PREFIX:
+            width = 0
+        with torch.inference_mode():
+            prefix = self._prefix_cache(encoded[order[0]][:width]) if width else None
+            for start in range(0, len(order), self.max_batch_prompts):
+                batch = order[start : start + self.max_batch_prompts]
+                sequences = [encoded[i][width:] for i in batch]
+                logprobs, texts = self._greedy_after(sequences, prefix, width, generate)
+                for b, i in enumerate(batch):
+                    lp = {tok: float(logprobs[b, tid]) for tok, tid in token_ids.items()}
+                    replies[i] = JudgeReply(text=self._decode(texts[b]), score_logprobs=lp or None)
+        return replies
+
+    def _prefix_cache(self, prefix: list[int]) -> Any:
+        """The KV cache of `prefix` alone (batch of one)."""
+        import torch
+
+        ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        return out.past_key_values
+
+    def _greedy_after(
+        self, suffixes: list[list[int]], prefix: Any, width: int, generate: bool
+    ) -> tuple[Any, list[list[int]]]:
+        """`_greedy` of prompts that are `width` prefix tokens (KV cache `prefix`, None when
+        width is 0) followed by `suffixes`: float32 next-token log-probabilities at the last
+        position and the greedy tokens (more of them when `generate`)."""
+        import torch
+
+        from engine.backends import hf
+
+        ids, mask, positions = hf.left_padded(suffixes, self.pad_id, self.device)
+        past = None
+        if width:
+            past = copy.deepcopy(prefix)  # the model appends to the cache it is given
+            past.batch_repeat_interleave(len(suffixes))
+            ones = torch.ones((len(suffixes), width), dtype=mask.dtype, device=mask.device)
+            mask = torch.cat([ones, mask], dim=1)
+            positions = positions + width
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=generate or past is not None,
+            logits_to_keep=1,
         )
+        last = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        first = last.argmax(-1)
+        texts: list[list[int]] = [[int(t)] for t in first.tolist()]
+        if generate and self.max_new_tokens > 1:
+            texts = hf.greedy_continue(
+                self.model,
+                mask,
+                positions,
+                out.past_key_values,
+                first,
+                texts,
+                self.max_new_tokens - 1,
+                self.eos_ids,
+            )
+        return last, texts
 
     def last_positions_logprobs(
         self, prompts: Sequence[Prompt], score_tokens: Sequence[str], positions: int

@@ -21,6 +21,12 @@ transformers judge does. A prompt longer than `max_length` tokens is not submitt
 empty.
 Prompts are rendered (and scale tokens looked up) by `engine.backends.chat`, as the transformers
 judge does; the engine's start and shutdown are those of `engine.backends.vllm_engine`.
+
+The engine starts with automatic prefix caching (`enable_prefix_caching=True`): a judge's
+prompts share the chat header, system message and rubric (the fenced prompts put the row's
+text last), so after the first prompt those KV blocks are found in the cache rather than
+computed again (vLLM on CPU supports it for every model without MLA attention). Cached blocks
+hold what a fresh prefill computes, so scores depend on it only to floating-point rounding.
 """
 
 from __future__ import annotations
@@ -51,12 +57,19 @@ class VllmJudge(VllmChatModel):
         trust_remote_code: bool = False,
         seed: int = 0,
         always_generate: bool = False,
+        enable_prefix_caching: bool = True,
     ) -> None:
         self.always_generate = always_generate
         self._token_ids_supported = True
         self.max_length, self.max_new_tokens = max_length, max_new_tokens
         super().__init__(
-            model_path, dtype, enforce_eager, gpu_memory_utilization, trust_remote_code, seed
+            model_path,
+            dtype,
+            enforce_eager,
+            gpu_memory_utilization,
+            trust_remote_code,
+            seed,
+            enable_prefix_caching=enable_prefix_caching,
         )
         log.info("vllm judge: %s, %s", model_path, dtype)
 

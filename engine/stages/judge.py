@@ -8,13 +8,18 @@ within a family: transformers and vLLM both give log-probabilities and share ans
 endpoint), plus how the judge runs (`JudgeMethod.describe()`: its definition, prompt style and
 scoring; `max_new_tokens` too where the reply is parsed). `scoring` and the per-judge
 `alpagasus.prompt_style` / `deita.prompt_style` choose the method (`judge_methods`; the openai
-backend refuses `deita.prompt_style: raw`, which needs the model's own tokenizer). The judging
+backend refuses `deita.prompt_style: raw`, which needs the model's own tokenizer). Fenced prompts
+are datamarked with the mark that is cheapest for the judge model's tokenizer (`judge_datamark`,
+chosen on the driver, handed to the actors, part of each judge's cache key and of the stage
+info; the openai backend, without a tokenizer, keeps DATAMARK). The judging
 arithmetic lives in engine.signals.judge (`score_batch`); this module only wires it to the actor
 pool.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -26,9 +31,11 @@ from rich.markup import escape
 from engine.cache import ScoreCache
 from engine.runtime.rundir import fingerprint
 from engine.signals.judge import (
+    DATAMARK,
     DEITA_RAW_TEMPLATES,
     REASON_UNPARSED,
     JudgeMethod,
+    choose_datamark,
     judge_definitions,
     judge_table,
     resolve_method,
@@ -52,6 +59,8 @@ from engine.stages.contract import (
 if TYPE_CHECKING:
     from engine.backends.judge_openai import OpenAIEndpoint
     from engine.config import JobSpec
+
+log = logging.getLogger(__name__)
 
 JUDGE_PREFIX = "judge."
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -212,12 +221,14 @@ class JudgeActor:
     It gets the stage's block (never an API key: that is read from the actor's environment, so
     it cannot end up in Ray's logs of constructor arguments or in any output)."""
 
-    def __init__(self, spec: dict[str, Any], model_path: str, names: list[str]) -> None:
+    def __init__(
+        self, spec: dict[str, Any], model_path: str, names: list[str], mark: str | None = DATAMARK
+    ) -> None:
         from engine.backends import judge_backend
 
         self.spec = JudgeSpec.model_validate(spec)
         self.names = names
-        self.judges = judge_methods(self.spec, names)
+        self.judges = judge_methods(self.spec, names, mark)
         self.backend = judge_backend(**_backend_args(self.spec, model_path))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -250,14 +261,41 @@ def _rows_schema(names: list[str]) -> pa.Schema:
     return pa.schema(fields)
 
 
-def judge_methods(spec: JudgeSettings, names: list[str]) -> list[JudgeMethod]:
-    """How each named judge runs under the stage's `scoring` and prompt styles."""
+@functools.lru_cache(maxsize=8)
+def _tokenizer_datamark(model: str, revision: str | None, trust_remote_code: bool) -> str | None:
+    from engine.backends import hf
+    from engine.models import resolve_model
+
+    try:
+        tokenizer = hf.load_tokenizer(resolve_model(model, revision), trust_remote_code)
+    except (OSError, ValueError) as error:  # the actors will say why the model does not load
+        log.warning("judge datamark: tokenizer of %s not loaded (%s); using %r", model, error,
+                    DATAMARK)  # fmt: skip
+        return DATAMARK
+    return choose_datamark(tokenizer)
+
+
+def judge_datamark(spec: JudgeSettings) -> str | None:
+    """The datamark of the stage's fenced prompts: the cheapest for the judge model's tokenizer
+    (`engine.signals.judge.choose_datamark`, cached per model), DATAMARK for the openai backend
+    (the endpoint's tokenizer is not at hand)."""
+    if spec.backend == "openai":
+        return DATAMARK
+    return _tokenizer_datamark(spec.model, spec.revision, spec.trust_remote_code)
+
+
+def judge_methods(
+    spec: JudgeSettings, names: list[str], mark: str | None = DATAMARK
+) -> list[JudgeMethod]:
+    """How each named judge runs under the stage's `scoring` and prompt styles, fenced prompts
+    datamarked with `mark`."""
     methods = []
     for judge in judge_definitions(names, spec.custom):
         reference = (judge.name == "alpagasus" and spec.alpagasus.prompt_style == "reference") or (
             judge.name in DEITA_RAW_TEMPLATES and spec.deita.prompt_style == "raw"
         )
-        methods.append(resolve_method(judge, spec.scoring, "reference" if reference else "fenced"))
+        style = "reference" if reference else "fenced"
+        methods.append(resolve_method(judge, spec.scoring, style, mark))
     return methods
 
 
@@ -279,7 +317,7 @@ def judge_cache_keys(job: JobSpec) -> dict[str, str]:
     shared.update(turn_rule_settings(spec.max_turns))
     shared.update(model=model, family=family, dtype=None if openai else spec.dtype)
     keys = {}
-    for method in judge_methods(spec, judge_names(job.signals)):
+    for method in judge_methods(spec, judge_names(job.signals), judge_datamark(spec)):
         # a parsed reply depends on how much of it is generated
         extra = {"max_new_tokens": spec.max_new_tokens} if method.mode == "parse" else {}
         key = fingerprint("judge", STAGE.version, method.describe(), {**shared, **extra})
@@ -354,6 +392,7 @@ def run_judge(ctx: StageContext) -> dict[str, Any]:
         spec.model if spec.backend == "openai" else resolve_model(spec.model, spec.revision)
     )
     keys = judge_cache_keys(job)
+    mark = judge_datamark(spec)
     parts = {judge.name: judge_schema([judge.name]) for judge in judges}
     caches = (
         {
@@ -372,6 +411,7 @@ def run_judge(ctx: StageContext) -> dict[str, Any]:
             "spec": spec.model_dump(mode="json"),
             "model_path": model_path,
             "names": names,
+            "mark": mark,
         },
         resources=spec.resources,
         parts=parts,
@@ -403,6 +443,7 @@ def run_judge(ctx: StageContext) -> dict[str, Any]:
         "scored": result.todo,
         "backend": spec.backend,
         "model": spec.model,
+        "datamark": mark,
         "schema": sidecar.schema.names,
     }
 

@@ -160,12 +160,14 @@ def unfenced_prompt(judge: Any, turn: Any) -> list[dict[str, str]]:
 
 def model_scores(backend: Any, judge: Any, conversations: list, fenced: bool, max_length: int):
     """Per conversation (one assistant turn each), the model's expected score; no screen."""
-    from engine.signals.judge import build_prompt, plan_judge_turns, turn_score
+    from engine.signals.judge import build_prompt, choose_datamark, plan_judge_turns, turn_score
 
     turns = plan_judge_turns(conversations)
     assert [t.record for t in turns] == list(range(len(conversations))), "one turn per row"
     if fenced:
-        prompts = [build_prompt(judge, t, max_length) for t in turns]
+        # The mark a real run uses with this model's tokenizer (the judge stage's choice).
+        mark = choose_datamark(backend.tokenizer)
+        prompts = [build_prompt(judge, t, max_length, mark=mark) for t in turns]
     else:
         prompts = [unfenced_prompt(judge, t) for t in turns]
     replies = backend.judge(prompts, judge.score_tokens)
