@@ -6,19 +6,25 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.config import parse_job
 from engine.readers.sources import builtin_dataset_path
 from engine.records import to_canonical
 from engine.runtime.rundir import RunDir
 from engine.signals.lang import (
+    _URL,
     LANG_SCHEMA,
     UNDETERMINED,
+    _looks_like_code,
+    _script_of,
     asks_for_language,
     clean_text,
     detect_languages,
@@ -213,6 +219,41 @@ def test_clean_text_and_scripts() -> None:
     assert dominant_script("今天天气很好") == "Han"
     assert dominant_script("Привет, мир") == "Cyrillic"
     assert dominant_script("123 !!") == "None"
+
+
+def _naive_clean(text: str) -> str:
+    """clean_text's last step as its definition: every character that is not a letter, a mark
+    or a space (tab, newline, CR kept) becomes a space; spaces collapse."""
+    kept = (c if unicodedata.category(c)[0] in "LMZ" or c in "\t\n\r" else " " for c in text)
+    return " ".join("".join(kept).split())
+
+
+# Letters of several scripts, marks, digits, punctuation, symbols, emoji, controls, spaces.
+MIXED_TEXT = st.text(
+    st.one_of(
+        st.characters(codec="utf-8"),
+        st.sampled_from("aé ञ्ि 今か한Ж\u200b\u3000\t\n😀1.;"),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(MIXED_TEXT)
+def test_cleaning_and_script_counts_match_their_per_character_definitions(text: str) -> None:
+    """The translate table and the per-distinct-character counts are only faster forms of the
+    per-character definitions (text without code, URLs or long lines: nothing else applies)."""
+    prose = text.replace("`", "").replace("~", "").replace("@", "").replace("/", "")
+    prose = "\n".join(line for line in prose.splitlines() if not _looks_like_code(line))
+    if _URL.search(prose) is None:
+        assert clean_text(prose, max_chars=1000) == _naive_clean(prose)[:1000]
+    naive: dict[str, int] = {}
+    for char in text:
+        script = _script_of(char)
+        if script is not None:
+            naive[script] = naive.get(script, 0) + 1
+    assert script_counts(text) == naive
+    assert list(script_counts(text)) == list(naive)  # same order: dominant_script breaks ties
 
 
 def test_script_rule_flags_what_lingua_is_unsure_of(

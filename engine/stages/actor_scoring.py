@@ -8,15 +8,17 @@ judge, every other stage one). The driver:
   2. looks every part's cache up (keyed by the stage's settings fingerprint),
   3. writes the records some part still lacks to `_work/<stage>_input` — with a `needs` column
      naming those parts when there are several — and streams them through a Ray Data actor
-     pool sized by the resources (CPUs, GPUs, pool size, batch size); Ray Data replaces an
-     actor that dies and retries its batch, and a batch only counts once it completed,
+     pool sized by the resources (CPUs, GPUs, pool size, batch size; a CPU pool the user did not
+     size is fitted to the cluster's nodes: `fit_resources`); Ray Data replaces an actor that
+     dies and retries its batch, and a batch only counts once it completed,
   4. adds each part's new rows (only those it was asked for) to its cache and returns every
      part as one table in unique-id order, after checking that every id is there exactly once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,59 @@ def check_placement(resources: ActorResources, stage: str, cluster_cpus: float) 
         )
 
 
+# Each node keeps one CPU of Ray's accounting free: Ray Data's read and split tasks ask for one.
+READ_CPUS = 1.0
+# Torch threads per actor before a node gets a second actor (a second model copy). On a 2-CPU
+# machine the old default (1 actor x 1 thread) ran the lm stage at 5.1 rows/s where the bare
+# scorer with 2 threads does 10.6 (SmolLM2-135M, jobs/bench/lm_throughput.py --stage). 8 is not
+# measured here (2 CPUs): small models' matmuls scale worse past it than a second copy does.
+MAX_THREADS_PER_ACTOR = 8
+SIZING_FIELDS = frozenset({"num_cpus", "concurrency"})
+
+
+def default_pool(node_cpus: Sequence[float]) -> tuple[int, float, int] | None:
+    """(actors, Ray CPUs per actor, torch threads per actor) for a CPU pool on nodes with these
+    CPU counts; None when no node has 2 CPUs (one for the actor, one for the read tasks).
+
+    Every node with at least 2 CPUs gets the same actors, sized by the smallest such node: its
+    actors' threads use all of its cores, while their Ray CPUs leave READ_CPUS free (threads
+    are not Ray's accounting; the read tasks are short, the actors run all along)."""
+    usable = [c for c in node_cpus if c >= 1 + READ_CPUS]
+    if not usable:
+        return None
+    smallest = min(usable)
+    per_node = math.ceil(smallest / MAX_THREADS_PER_ACTOR)
+    return len(usable) * per_node, (smallest - READ_CPUS) / per_node, int(smallest // per_node)
+
+
+def fit_resources(resources: ActorResources, node_cpus: Sequence[float]) -> ActorResources:
+    """The pool to run: a CPU pool whose size the user left unset (neither `num_cpus` nor
+    `concurrency` given) uses the machine (`default_pool`; before: 1 actor x 1 thread, half of
+    a 2-CPU machine idle, 5.1 rows/s where the bare scorer does 10.6); `num_threads`, when
+    given, always wins. GPU pools and user-sized pools are returned as they are."""
+    if resources.num_gpus > 0 or SIZING_FIELDS & resources.model_fields_set:
+        return resources
+    sized = default_pool(node_cpus)
+    if sized is None:
+        return resources
+    actors, cpus, threads = sized
+    update: dict[str, Any] = {"concurrency": actors, "num_cpus": cpus}
+    if "num_threads" not in resources.model_fields_set:
+        update["num_threads"] = threads
+    return resources.model_copy(update=update)
+
+
+def ray_node_cpus() -> list[float]:
+    """CPUs of every live node of the connected Ray cluster."""
+    import ray
+
+    return [
+        float(node.get("Resources", {}).get("CPU", 0))
+        for node in ray.nodes()
+        if node.get("Alive", False)
+    ]
+
+
 @dataclass(frozen=True)
 class ActorPool:
     """What a model-backed stage hands the driver; the driver decides the rest."""
@@ -70,14 +125,23 @@ class PoolResult:
     cache_hits: dict[str, int]
     cache_misses: dict[str, int]
     todo: int  # records sent to the actor pool
+    ran_with: ActorResources | None = None  # the pool's resources, when it ran
 
     def info(self) -> dict[str, Any]:
-        """The manifest's counts: totals, and per part when there are several."""
+        """The manifest's counts: totals, and per part when there are several; the actor pool
+        it ran (actors x Ray CPUs, torch threads), when one ran."""
         out: dict[str, Any] = {
             "rows": len(self.ids),
             "cache_hits": sum(self.cache_hits.values()),
             "cache_misses": sum(self.cache_misses.values()),
         }
+        if self.ran_with is not None:
+            res = self.ran_with
+            out["actors"] = {
+                "concurrency": res.concurrency,
+                "num_cpus": res.num_cpus,
+                "threads": res.threads(),
+            }
         if len(self.tables) > 1:
             out["parts"] = {
                 part: {"cache_hits": self.cache_hits[part], "cache_misses": self.cache_misses[part]}
@@ -122,22 +186,26 @@ def _write_input(records: Path, target: Path, needs: dict[str, list[str]], multi
 
 def stream_actor_pool(
     pool: ActorPool, source: Path, output: Path, rows: int, advance: Callable[[int], None]
-) -> None:
+) -> ActorResources:
     """Stream the Parquet input in `source` (`rows` rows) through the pool's actors; results
     land in one Parquet file under `output` as they come (in no particular order: key them by a
     column of the input) and `advance` counts them. Refuses a pool the cluster cannot hold
     (`check_placement`). `pool.parts` and `pool.caches` do not apply here: the caller owns what
-    goes in and what it does with what comes out (run_actor_pool, the generate stage)."""
+    goes in and what it does with what comes out (run_actor_pool, the generate stage).
+    Returns the resources the pool ran with (`fit_resources`)."""
     import ray
 
-    res = pool.resources
+    res = fit_resources(pool.resources, ray_node_cpus())
     check_placement(res, pool.name, float(ray.cluster_resources().get("CPU", 0)))
+    kwargs = pool.constructor_kwargs
+    if "num_threads" in kwargs:  # the stage passed the threads its own resources implied
+        kwargs = {**kwargs, "num_threads": res.threads()}
     dataset = ray.data.read_parquet(str(source))
     # One input file: split it so every actor gets work.
     blocks = max(4 * res.concurrency, min(64, rows // max(res.batch_size, 1) + 1))
     scored = dataset.repartition(blocks).map_batches(
         pool.actor_cls,
-        fn_constructor_kwargs=pool.constructor_kwargs,
+        fn_constructor_kwargs=kwargs,
         compute=ray.data.ActorPoolStrategy(size=res.concurrency),
         num_cpus=res.num_cpus,
         num_gpus=res.num_gpus,
@@ -155,6 +223,7 @@ def stream_actor_pool(
     finally:
         if writer is not None:
             writer.close()
+    return res
 
 
 def run_actor_pool(pool: ActorPool, run: RunDir, progress: Progress) -> PoolResult:
@@ -175,8 +244,7 @@ def run_actor_pool(pool: ActorPool, run: RunDir, progress: Progress) -> PoolResu
     work = run.work(f"{pool.name}_input")
     todo = _write_input(run.records, work, needs, multi=len(pool.parts) > 1)
     fresh_dir = RunDir.reset_dir(run.work(f"{pool.name}_scored"))
-    if todo:
-        stream_actor_pool(pool, work, fresh_dir, todo, advance)
+    ran_with = stream_actor_pool(pool, work, fresh_dir, todo, advance) if todo else None
     files = sorted(fresh_dir.glob("*.parquet"))
     fresh = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
 
@@ -205,7 +273,7 @@ def run_actor_pool(pool: ActorPool, run: RunDir, progress: Progress) -> PoolResu
         misses[part] = len(asked)
     RunDir.remove(work, fresh_dir)
     hits = {part: cached[part].num_rows for part in pool.parts}
-    return PoolResult(ids, tables, hits, misses, todo)
+    return PoolResult(ids, tables, hits, misses, todo, ran_with)
 
 
 def score_records(

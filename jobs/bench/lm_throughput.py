@@ -19,7 +19,15 @@ for all rows is extrapolated per token (marked "~" in the output). The machine's
 (square products up to 2048^2, `torch.matmul` and `F.linear`, fp32 and bf16, 1 and 2 threads; the
 better op counts) becomes a ceiling in tokens/s = FLOP/s / (2 x parameters).
 
+`--stage` also runs the lm stage itself on the same rows, per dtype, through
+`winnow select --signals lm` (a subprocess; default resources, and --stage-resources too), and
+compares its rows/s (rows / the stage's seconds in the run's `_stages/lm.json`: Ray Data, the
+actor's model load and the Parquet hand-off included) with the bare scorer's at the machine's
+thread count.
+
 Run: .venv/bin/python jobs/bench/lm_throughput.py --rows 512 --max-length 512
+     .venv/bin/python jobs/bench/lm_throughput.py --rows 128 --max-length 1024 --threads 2 \
+         --no-vllm --stage
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ import argparse
 import json
 import os
 import random
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -144,6 +155,36 @@ def max_rel_diff(a: Result, b: Result) -> tuple[float, int]:
     return worst, len(common)
 
 
+def stage_run(
+    rows: list[dict], dtype: str, max_length: int, resources: dict | None
+) -> tuple[float, dict]:
+    """(rows/s, the stage's info) of the lm stage on `rows` through `winnow select`, in a fresh
+    run directory and score cache (nothing cached)."""
+    work = Path(tempfile.mkdtemp(prefix="winnow-bench-lm-stage-"))
+    try:
+        data = work / "rows.json"
+        data.write_text(json.dumps(rows), encoding="utf-8")
+        lm: dict = {"dtype": dtype, "max_length": max_length}
+        if resources:
+            lm["resources"] = resources
+        config = work / "job.yaml"  # JSON is YAML
+        config.write_text(json.dumps({"stages": {"lm": lm}}), encoding="utf-8")
+        env = {**os.environ, "WINNOW_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1"}
+        winnow = Path(sys.executable).with_name("winnow")
+        command = [str(winnow), "select", str(data), "--out", str(work / "run")]
+        command += ["--signals", "lm", "--dedup", "none", "--select", "ifd", "--budget", "10"]
+        command += ["--config", str(config)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"winnow select failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        stage = json.loads((work / "run/_stages/lm.json").read_text(encoding="utf-8"))
+        return stage["info"]["rows"] / stage["seconds"], stage["info"]
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=512)
@@ -168,6 +209,16 @@ def main() -> None:
     )
     parser.add_argument("--no-vllm", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--stage", action="store_true", help="also time `winnow select --signals lm` (module doc)"
+    )
+    parser.add_argument(
+        "--stage-resources",
+        type=json.loads,
+        default=None,
+        help="with --stage, also run the stage with these stages.lm.resources (JSON), e.g. "
+        '\'{"num_cpus": 1, "concurrency": 1}\' (the old default pool)',
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -272,7 +323,7 @@ def main() -> None:
     print()
     print(
         f"{'configuration':24s} {'dtype':9s} {'thr':>4s} {'rows':>5s} {'tokens':>7s} "
-        f"{'wall_s':>7s} {'tok/s':>7s} {'x(a)':>6s} {'full_s':>8s} {'ceiling':>8s}"
+        f"{'wall_s':>7s} {'tok/s':>7s} {'rows/s':>7s} {'x(a)':>6s} {'full_s':>8s} {'ceiling':>8s}"
     )
     for r in results:
         full = total_tokens / r.tok_s
@@ -284,7 +335,8 @@ def main() -> None:
         ceiling = f"{r.tok_s / cap:7.1%}"
         print(
             f"{r.name:24s} {r.dtype:9s} {r.threads:>4s} {r.rows:5d} {r.tokens:7d} "
-            f"{r.seconds:7.1f} {r.tok_s:7.0f} {r.tok_s / same.tok_s:6.2f} "
+            f"{r.seconds:7.1f} {r.tok_s:7.0f} {r.rows / r.seconds:7.2f} "
+            f"{r.tok_s / same.tok_s:6.2f} "
             f"{sampled}{full:7.0f} {ceiling:>8s} {r.note}"
         )
     print(
@@ -310,6 +362,24 @@ def main() -> None:
             f"agreement {r.name} {r.dtype} threads={r.threads} vs (a) threads={ref.threads}: "
             f"max rel diff of per-sequence mean NLL {worst:.2e} over {2 * n} sequences"
         )
+    if args.stage:
+        # The stage's actor gets the machine (engine.stages.actor_scoring.fit_resources): its
+        # rival is the bare scorer at the most threads measured.
+        top_threads = str(max(threads))
+        for r in results:
+            if not r.name.startswith(("(b)", "(c)")) or r.threads != top_threads:
+                continue
+            bare = r.rows / r.seconds
+            for label, resources in (("defaults", None), ("given", args.stage_resources)):
+                if label == "given" and resources is None:
+                    continue
+                rate, info = stage_run(rows, r.dtype, args.max_length, resources)
+                print(
+                    f"stage lm via winnow select, {r.dtype}, {label} resources: {rate:.2f} "
+                    f"rows/s = {rate / bare:.0%} of the bare scorer's {bare:.2f} rows/s at "
+                    f"{r.threads} threads; pool {info.get('actors')}; load {os.getloadavg()}",
+                    flush=True,
+                )
     print(
         f"total wall time {time.perf_counter() - start_all:.0f} s; load average {os.getloadavg()}"
     )
