@@ -83,6 +83,7 @@ $(PEER_DIR)/%/.stamp:
 # The side-by-side table (jobs/bench/side_by_side.py); `make bench-stages` runs the per-stage ones.
 bench: install bench-peers
 	$(BIN)/python jobs/bench/side_by_side.py $(BENCH_ARGS)
+	$(BIN)/python jobs/bench/roofline.py $(ROOFLINE_ARGS)
 
 bench-stages: install
 	$(BIN)/python jobs/bench/ingest_throughput.py

@@ -549,7 +549,10 @@ class Bench:
                 "seconds": seconds,
                 "peak_rss_mib": rss,
                 "quality": {"planted_found": found(labels), "grouped": int((labels >= 0).sum())},
-                "settings": {"index": "auto (flat at this size)", "threshold": threshold},
+                "settings": {
+                    "index": "auto: every pair at this size (bf16 GEMM filter, float64 check)",
+                    "threshold": threshold,
+                },
             }
 
         def score(out: Path) -> Callable[[dict], dict]:
