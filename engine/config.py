@@ -200,7 +200,8 @@ PresetName = Literal[
 
 
 class SemanticDupSpec(Strict):
-    """Semantic duplicates: embedding cosine similarity (FAISS), groups of the threshold graph."""
+    """Semantic duplicates: embedding cosine similarity, groups of the threshold graph (every
+    pair by a blocked GEMM up to flat_max_rows, FAISS k-means lists above)."""
 
     enabled: bool = True
     threshold: Annotated[float, Field(gt=0, le=1)] = 0.95

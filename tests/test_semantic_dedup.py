@@ -46,21 +46,19 @@ def reference_groups(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray,
     st.integers(2, 10),
     st.floats(0.02, 0.6),
     st.floats(0.5, 0.99),
-    st.integers(1, 6),
 )
 def test_flat_and_exhaustive_ivf_equal_brute_force(
-    seed: int, n: int, dim: int, spread: float, threshold: float, k: int
+    seed: int, n: int, dim: int, spread: float, threshold: float
 ) -> None:
     vectors = clustered(seed, n, dim, 5, spread)
     expected, margin = reference_groups(vectors, threshold)
     assume(margin > GAP)
-    # Small k forces the widening re-search of rows with many neighbours.
-    flat = semantic_groups(vectors, threshold, index="flat", k=k)
+    flat = semantic_groups(vectors, threshold, index="flat")
     assert np.array_equal(flat, expected)
     # Probing every list makes IVF exact too.
-    ivf = semantic_groups(vectors, threshold, index="ivf", k=k, nprobe=default_nlist(n), seed=seed)
+    ivf = semantic_groups(vectors, threshold, index="ivf", nprobe=default_nlist(n), seed=seed)
     assert np.array_equal(ivf, expected)
-    auto = semantic_groups(vectors, threshold, index="auto", flat_max_rows=n, k=k)
+    auto = semantic_groups(vectors, threshold, index="auto", flat_max_rows=n)
     assert np.array_equal(auto, expected)
 
 

@@ -19,8 +19,6 @@ from engine.selection.faiss_index import as_float32
 from engine.selection.groups import connected_components, keep_best
 from engine.selection.threshold_join import dense_pairs, partitioned_pairs
 
-MAX_NEIGHBOURS = 4_096
-
 
 def _finite_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float32 copy with non-finite rows zeroed (they then match nothing), and the finite mask."""
@@ -38,17 +36,13 @@ def threshold_edges(
     index: str = "auto",
     flat_max_rows: int = 200_000,
     seed: int = 0,
-    k: int = 16,
     nprobe: int = 8,
-    max_k: int = MAX_NEIGHBOURS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Undirected edges (left < right) between rows with cosine >= threshold.
 
     "flat": every pair (`threshold_join.dense_pairs`, exact). "ivf": pairs within shared probed
-    k-means lists (`threshold_join.partitioned_pairs`). Both check each pair in float64. `k` and
-    `max_k` are kept for callers of the former kNN search and no longer limit anything.
+    k-means lists (`threshold_join.partitioned_pairs`). Both check each pair in float64.
     """
-    del k, max_k
     if index not in ("auto", "flat", "ivf"):
         raise ValueError(f"index must be auto, flat or ivf, not {index!r}")
     data, _ = _finite_rows(vectors)
@@ -66,7 +60,6 @@ def semantic_groups(
     index: str = "auto",
     flat_max_rows: int = 200_000,
     seed: int = 0,
-    k: int = 16,
     nprobe: int = 8,
 ) -> np.ndarray:
     """Group label per row (int64, the smallest row index of its group); -1 for a row with no
@@ -77,7 +70,7 @@ def semantic_groups(
     docstring for recall.
     """
     n = len(vectors)
-    left, right = threshold_edges(vectors, threshold, index, flat_max_rows, seed, k, nprobe)
+    left, right = threshold_edges(vectors, threshold, index, flat_max_rows, seed, nprobe)
     labels = connected_components(n, left, right)
     sizes = np.bincount(labels, minlength=n) if n else np.zeros(0, dtype=np.int64)
     labels[sizes[labels] < 2] = -1
@@ -96,7 +89,7 @@ def semantic_duplicates(
     """Per row, the index of the kept row it duplicates; -1 for kept rows, rows without a
     duplicate and ineligible rows. Only eligible rows are compared; each group keeps its best
     score (NaN last), ties by smallest id (`groups.keep_best`). `index_opts` go to
-    `semantic_groups` (index, flat_max_rows, seed, k, nprobe)."""
+    `semantic_groups` (index, flat_max_rows, seed, nprobe)."""
     eligible = np.asarray(eligible, dtype=bool)
     members = np.flatnonzero(eligible)
     duplicate_of = np.full(len(eligible), -1, dtype=np.int64)
