@@ -181,7 +181,9 @@ def load() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-def run_select(shards: list[Path], out: Path, deadline: float | None) -> dict[str, Any]:
+def run_select(
+    shards: list[Path], out: Path, deadline: float | None, signals: str = "lang"
+) -> dict[str, Any]:
     """One `winnow select` over the shards, sampled; returns exit code, wall time and peaks."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.setdefault("WINNOW_CACHE", str(out.parent / "cache"))
@@ -191,8 +193,7 @@ def run_select(shards: list[Path], out: Path, deadline: float | None) -> dict[st
         *map(str, shards),
         "--out",
         str(out),
-        "--signals",
-        "lang",
+        *(("--signals", signals) if signals else ()),
         "--dedup",
         "near",
         "--budget",
@@ -375,6 +376,11 @@ def main() -> None:
     parser.add_argument("--shard-rows", type=int, default=100_000)
     parser.add_argument("--keep", type=Path, help="work here and keep it (default: a tmp dir)")
     parser.add_argument(
+        "--signals",
+        default="lang",
+        help="the run's --signals ('' for none: ingest, MinHash, select and export only)",
+    )
+    parser.add_argument(
         "--stop-at", type=float, help="unix time: stop the run there and report what it reached"
     )
     parser.add_argument(
@@ -414,7 +420,7 @@ def main() -> None:
     )
     out = folder / "run"
     shutil.rmtree(out, ignore_errors=True)
-    result = run_select(shards, out, args.stop_at)
+    result = run_select(shards, out, args.stop_at, args.signals)
     print(f"load at end {load()}")
     peak = result["peak"]
     stopped = " STOPPED at --stop-at" if result["timed_out"] else ""
