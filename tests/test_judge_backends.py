@@ -21,7 +21,6 @@ from engine.records import to_canonical
 from engine.runtime.rundir import RunDir
 from engine.signals.judge import (
     ALPAGASUS,
-    DEITA_COMPLEXITY,
     DEITA_QUALITY,
     build_prompt,
     custom_definition,
@@ -240,6 +239,7 @@ def _job(input_path: Path, cache: Path, judges: list[str]):
 @pytest.mark.usefixtures("ray_local")
 def test_judge_stage_sidecar_and_per_judge_cache(tmp_path: Path, alpaca_rows, tf_judge) -> None:
     from engine.signals.judge import score_batch
+    from engine.stages.judge import judge_datamark, judge_methods
     from tests.support.stages import run_stage
 
     conversations = _conversations(alpaca_rows, [], 6, 0)
@@ -270,9 +270,10 @@ def test_judge_stage_sidecar_and_per_judge_cache(tmp_path: Path, alpaca_rows, tf
     )
     # The Ray hand-off changes nothing: the same numbers as scoring in this process.
     spec = _job(tmp_path / "in.jsonl", cache, deita).stages.judge
-    direct = score_batch(
-        tf_judge, [DEITA_QUALITY, DEITA_COMPLEXITY], conversations[:3], None, 1024, None
-    )
+    # The stage datamarks with the mark it chose for this tokenizer (stage info "datamark").
+    assert info["datamark"] == judge_datamark(spec)
+    methods = judge_methods(spec, deita, info["datamark"])
+    direct = score_batch(tf_judge, methods, conversations[:3], None, 1024, None)
     ids = [to_canonical({"messages": c}, "messages").id for c in conversations[:3]]
     np.testing.assert_allclose(
         sidecar.loc[ids, "judge_deita_quality"], direct["judge_deita_quality"], atol=1e-5
