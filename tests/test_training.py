@@ -162,16 +162,19 @@ def test_train_eval_runs_the_loop_on_a_finished_run(
         "generate": {"per_set": 1, "max_new_tokens": 8, "resources": {"batch_size": 8}},
         "judge_pairwise": {"scoring": "expected", "max_length": 1536},
     }
-    config.write_text(yaml.safe_dump({"stages": stages}), encoding="utf-8")
+    # The arm trained above, judged against the untrained base model.
+    evaluation = {"arms": ["selected"], "base_model": True, "baseline": "base"}
+    config.write_text(yaml.safe_dump({"eval": evaluation, "stages": stages}), encoding="utf-8")
     result = CliRunner().invoke(app, ["train-eval", str(out), "--config", str(config)])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert set(manifest["evaluation"]) == {"train", "generate", "judge_pairwise"}
     assert {"ingest", "select", "export"} <= set(manifest["skipped_stages"])
-    assert all(a["skipped"] for a in manifest["evaluation"]["train"]["arms"].values())
+    arms = manifest["evaluation"]["train"]["arms"]
+    assert set(arms) == {"selected"} and arms["selected"]["skipped"]
     assert "generate" not in manifest["skipped_stages"]
     results = json.loads((out / "eval" / "results.json").read_text(encoding="utf-8"))
-    pooled = results["pairs"]["selected_vs_random"]["pooled"]
+    pooled = results["pairs"]["selected_vs_base"]["pooled"]
     assert pooled["wins"] + pooled["ties"] + pooled["losses"] == 5 and pooled["unparsed"] == 0
     report = (out / "report.html").read_text(encoding="utf-8")
     assert '<section id="evaluation">' in report and "smoke test" in report
