@@ -18,6 +18,7 @@ into judge replies or generated text.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -176,19 +177,33 @@ class TransformersChatModel(hf.TransformersBackend):
         sequences: list[list[int]],
         generate: bool,
         scores: Callable[[Any], Any] = lambda logits: logits,
+        prefix: Any = None,
+        width: int = 0,
     ) -> tuple[Any, list[list[int]]]:
         """One forward pass over the left-padded batch: `scores` of the float32 next-token
         logits at the last position, and each prompt's greedy tokens: the argmax of those
         scores, then (when `generate`) up to `max_new_tokens - 1` more, a row stopping after its
-        first EOS."""
+        first EOS. With `prefix` (the KV cache of `width` tokens every prompt starts with, batch
+        of one), `sequences` are what follows it: a copy of the cache is expanded to the batch
+        and positions continue the prefix's."""
+        import torch
+
         ids, mask, positions = hf.left_padded(sequences, self.pad_id, self.device)
+        past = None
+        if prefix is not None and width:
+            past = copy.deepcopy(prefix)  # the model appends to the cache it is given
+            past.batch_repeat_interleave(len(sequences))
+            ones = torch.ones((len(sequences), width), dtype=mask.dtype, device=mask.device)
+            mask = torch.cat([ones, mask], dim=1)
+            positions = positions + width
         # Only the last position's logits are read: `logits_to_keep=1` skips the LM head (a
         # vocabulary-wide matmul, and batch x length x vocabulary floats) everywhere else.
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            use_cache=generate,
+            past_key_values=past,
+            use_cache=generate or past is not None,
             logits_to_keep=1,
         )
         last = scores(out.logits[:, -1].float())

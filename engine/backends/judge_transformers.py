@@ -29,7 +29,6 @@ positions that continue the prefix's, so every real token sees exactly what it w
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -133,39 +132,13 @@ class TransformersJudge(TransformersChatModel):
         position and the greedy tokens (more of them when `generate`)."""
         import torch
 
-        from engine.backends import hf
-
-        ids, mask, positions = hf.left_padded(suffixes, self.pad_id, self.device)
-        past = None
-        if width:
-            past = copy.deepcopy(prefix)  # the model appends to the cache it is given
-            past.batch_repeat_interleave(len(suffixes))
-            ones = torch.ones((len(suffixes), width), dtype=mask.dtype, device=mask.device)
-            mask = torch.cat([ones, mask], dim=1)
-            positions = positions + width
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=past,
-            use_cache=generate or past is not None,
-            logits_to_keep=1,
+        return self._greedy(
+            suffixes,
+            generate,
+            lambda logits: torch.log_softmax(logits, dim=-1),
+            prefix=prefix,
+            width=width,
         )
-        last = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        first = last.argmax(-1)
-        texts: list[list[int]] = [[int(t)] for t in first.tolist()]
-        if generate and self.max_new_tokens > 1:
-            texts = hf.greedy_continue(
-                self.model,
-                mask,
-                positions,
-                out.past_key_values,
-                first,
-                texts,
-                self.max_new_tokens - 1,
-                self.eos_ids,
-            )
-        return last, texts
 
     def last_positions_logprobs(
         self, prompts: Sequence[Prompt], score_tokens: Sequence[str], positions: int
