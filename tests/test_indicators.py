@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.signals import gopher_kernel, indicators
 from engine.signals.indicators import (
     COMPRESSION_MIN_CHARS,
     DUP_NGRAM_SIZES,
@@ -639,6 +640,48 @@ def test_property_hashed_ngram_walk_equals_the_string_walk(words: list[str]) -> 
         assert _top_ngram_chars_hashed(spaced, n) == _top_ngram_chars_strings(words, n)
     for n in DUP_NGRAM_SIZES:
         assert _dup_ngram_chars_hashed(plain, n) == _dup_ngram_chars_strings(words, n)
+
+
+def _string_walks(words: list[str]) -> list[int]:
+    tops = [_top_ngram_chars_strings(words, n) if len(words) >= n else 0 for n in TOP_NGRAM_SIZES]
+    dups = [_dup_ngram_chars_strings(words, n) if len(words) >= n else 0 for n in DUP_NGRAM_SIZES]
+    return tops + dups
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["the", "cat", "sat", "ma", "t", "mat", "ca", "."]), max_size=400))
+def test_property_compiled_ngram_kernel_equals_the_string_walks(words: list[str]) -> None:
+    statistics = gopher_kernel.ngram_statistics(words)
+    assert statistics is not None  # numba is in the project's venv
+    assert statistics.tolist() == _string_walks(words)
+
+
+def test_uncompiled_ngram_kernel_is_the_same_function() -> None:
+    # The kernel's Python source, run by the interpreter: what numba compiles is what is tested.
+    words = gopher_words(("ab c a bc the cat sat. " * 9) + "the cat sat on the mat " * 4)
+    with np.errstate(over="ignore"):
+        plain = gopher_kernel.ngram_statistics(words, kernel=gopher_kernel._kernel)
+    assert plain is not None
+    assert plain.tolist() == _string_walks(words)
+    assert plain.tolist() == gopher_kernel.ngram_statistics(words).tolist()
+
+
+def test_kernel_collisions_fall_back_to_the_strings(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Base 0 hashes every n-gram by its last word (or character): collisions everywhere.
+    text = ("one two three four five six seven eight nine ten. " * 3) + "ab c a bc x y z"
+    words = gopher_words(text)
+    colliding = gopher_kernel.ngram_statistics(words, base=0)
+    assert colliding is not None and (colliding == -1).any()
+    expected = gopher_repetition(text)
+    monkeypatch.setattr(
+        indicators, "ngram_statistics", lambda w: gopher_kernel.ngram_statistics(w, base=0)
+    )
+    assert gopher_repetition(text) == expected
+    assert dict(zip(NAMES, expected, strict=True)) == pytest.approx(
+        _datatrove_reference(text, words)
+    )
+    monkeypatch.setattr(indicators, "ngram_statistics", lambda w: None)  # no numba
+    assert gopher_repetition(text) == expected
 
 
 class _Colliding(_Joined):

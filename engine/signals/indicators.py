@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from engine.signals.gopher_kernel import DUP_SIZES, TOP_SIZES, ngram_statistics
+
 __all__ = [
     "COMPRESSION_MIN_CHARS",
     "DUP_NGRAM_SIZES",
@@ -293,8 +295,8 @@ def non_printable_count(text: str) -> int:
 # same splits, the same joins, the same denominators (the whole text's length). Two choices are
 # Winnow's and are named here: the word tokenizer (below) and the scope (`_side_repetition`).
 
-TOP_NGRAM_SIZES: tuple[int, ...] = (2, 3, 4)
-DUP_NGRAM_SIZES: tuple[int, ...] = (5, 6, 7, 8, 9, 10)
+TOP_NGRAM_SIZES: tuple[int, ...] = TOP_SIZES  # (2, 3, 4)
+DUP_NGRAM_SIZES: tuple[int, ...] = DUP_SIZES  # (5, 6, 7, 8, 9, 10)
 
 # Gopher computes these statistics only for documents of 50 words or more (its quality filter
 # drops shorter ones first). On a short answer one n-gram is a large share of the text without any
@@ -483,17 +485,32 @@ def gopher_repetition(text: str, words: Sequence[str] | None = None) -> tuple[fl
     para_dups, para_chars = _duplicates(paragraphs)
     lines = _LINES_RE.split(text)
     line_dups, line_chars = _duplicates(lines)
-    spaced = plain = None
-    if len(words) >= _HASHED_MIN_WORDS:
-        spaced, plain = _Joined(words, " "), _Joined(words, "")
     return (
         line_dups / len(lines),
         para_dups / len(paragraphs),
         line_chars / size,
         para_chars / size,
-        *(gopher_top_ngram_chars(words, n, spaced) / size for n in TOP_NGRAM_SIZES),
-        *(gopher_duplicate_ngram_chars(words, n, plain) / size for n in DUP_NGRAM_SIZES),
+        *(chars / size for chars in _ngram_chars(words)),
     )
+
+
+def _ngram_chars(words: Sequence[str]) -> list[int]:
+    """The top n-gram characters (TOP_NGRAM_SIZES) then the duplicate n-gram characters
+    (DUP_NGRAM_SIZES): the compiled kernel where numba is importable, the string and hashed
+    walks for a statistic it leaves to them (a hash collision) or without numba."""
+    compiled = ngram_statistics(words)
+    if compiled is not None and (compiled >= 0).all():
+        return compiled.tolist()
+    spaced = plain = None
+    if len(words) >= _HASHED_MIN_WORDS:
+        spaced, plain = _Joined(words, " "), _Joined(words, "")
+    sizes = [(gopher_top_ngram_chars, n, spaced) for n in TOP_NGRAM_SIZES]
+    sizes += [(gopher_duplicate_ngram_chars, n, plain) for n in DUP_NGRAM_SIZES]
+    values = compiled.tolist() if compiled is not None else [-1] * len(sizes)
+    return [
+        value if value >= 0 else walk(words, n, joined)
+        for value, (walk, n, joined) in zip(values, sizes, strict=True)
+    ]
 
 
 _REPETITION_NAMES: tuple[str, ...] = (
