@@ -93,7 +93,8 @@ def parse_batch(batch: pa.RecordBatch, schemas: Mapping[int, str | None]) -> pa.
     cols = batch.to_pydict()
     out: dict[str, list] = {name: [] for name in PARSED_SCHEMA.names}
     conversations = []
-    ok_rows = []
+    first_of: dict[tuple[str, str], int] = {}  # (schema, raw) -> its row in `conversations`
+    ok_rows: list[tuple[int, int]] = []  # (row in the batch, row in `conversations`)
     for i, raw in enumerate(cols["raw"]):
         source_index = cols["source_index"][i]
         out["source_index"].append(source_index)
@@ -131,14 +132,21 @@ def parse_batch(batch: pa.RecordBatch, schemas: Mapping[int, str | None]) -> pa.
         out["conversation"].append(conversation)
         out["original"].append(raw if reason is None else None)
         if conversation is not None:
-            conversations.append(conversation)
-            ok_rows.append(i)
+            # Byte-identical records of one schema have identical indicators: computed once per
+            # batch. (Not by id: the id hashes normalised text, and copies that differ in line
+            # breaks differ in their indicators.)
+            key = (schema, raw)
+            if key not in first_of:
+                first_of[key] = len(conversations)
+                conversations.append(conversation)
+            ok_rows.append((i, first_of[key]))
 
     indicators = indicators_frame(conversations)
     n = len(cols["raw"])
     for field in INDICATOR_SCHEMA:
+        values = indicators[field.name].tolist()
         column = [None] * n
-        for value, i in zip(indicators[field.name].tolist(), ok_rows, strict=True):
-            column[i] = value
+        for i, computed in ok_rows:
+            column[i] = values[computed]
         out[field.name] = column
     return pa.RecordBatch.from_pydict(out, schema=PARSED_SCHEMA)

@@ -235,3 +235,27 @@ def test_parse_batch_maps_schemas_and_quarantines(alpaca_rows: list[dict]) -> No
     assert out["empty_response"][5] is True and out["empty_response"][0] is False
     assert out["assistant_chars"][0] == len(alpaca_rows[0]["output"])
     assert out["assistant_chars"][1] is None
+
+
+def test_parse_batch_computes_copies_once_and_keeps_their_own_indicators() -> None:
+    # Byte-identical copies share one computation; a copy that differs only in line breaks has
+    # the same id (normalised text) but its own indicators.
+    record = {"instruction": "List two fruits.", "input": "", "output": "Apple.\nApple.\nPear."}
+    variant = dict(record, output="Apple. Apple. Pear.")
+    raws = [json.dumps(record), json.dumps(variant), json.dumps(record), json.dumps(variant)]
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "source_index": [0] * 4,
+            "row": list(range(4)),
+            "raw": raws,
+            "error": [None] * 4,
+            "excerpt": [None] * 4,
+        },
+        schema=RAW_SCHEMA,
+    )
+    out = parse_batch(batch, {0: "alpaca"}).to_pydict()
+    assert len(set(out["id"])) == 1
+    alone = [parse_batch(batch.slice(i, 1), {0: "alpaca"}).to_pylist()[0] for i in range(4)]
+    assert [row["repeated_line_ratio"] for row in alone] == [1 / 3, 0.0, 1 / 3, 0.0]
+    for i, row in enumerate(alone):  # repr: NaN (an unmeasured statistic) equals itself
+        assert {name: repr(out[name][i]) for name in row} == {k: repr(v) for k, v in row.items()}
