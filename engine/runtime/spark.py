@@ -78,16 +78,6 @@ def local_master_with_retries(master: str, conf: Mapping[str, str] | None = None
     return f"local[{match.group(1) or 1},{attempts}]"
 
 
-# A local master's JVM is the driver and the executor, on the cores its Python workers need: on a
-# small machine the JIT's optimising (C2) compiler threads take cores from the workers while a run
-# is young, which is most of a short run. Measured on 2 cores (`bench/scale.py --signals ''`):
-# 100k rows 31 and 35 s with C1 only against 36 and 36 s with the default tiered JIT; 1M rows
-# 238 s either way. Not measured on more cores, where C2's threads compete less: left to the
-# JVM's default there. A job's own Java options replace it.
-C1_ONLY = "-XX:TieredStopAtLevel=1"
-C1_MAX_CORES = 4
-
-
 def spark_options(
     spec: SparkSpec, app_name: str = "winnow", log4j_config: Path | None = None
 ) -> dict[str, str]:
@@ -103,8 +93,6 @@ def spark_options(
         "spark.ui.showConsoleProgress": "false",
         "spark.sql.session.timeZone": "UTC",
     }
-    if LOCAL_MASTER.fullmatch(spec.master.strip()) and (os.cpu_count() or 1) <= C1_MAX_CORES:
-        options[JAVA_OPTIONS] = C1_ONLY
     options.update({key: str(value) for key, value in spec.conf.items()})
     if log4j_config is not None:
         java = options.get(JAVA_OPTIONS, "")
